@@ -1,0 +1,222 @@
+"""The threaded expert reader: parallel ``pread`` of the records the router chose."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from ..errors import CorruptRecordError, ModelFormatError
+from .format import Manifest
+
+
+def aligned_buffer(nbytes: int, alignment: int = 4096) -> np.ndarray:
+    """A uint8 buffer whose address is a multiple of ``alignment`` (needed for O_DIRECT)."""
+    raw = np.empty(nbytes + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    return raw[start: start + nbytes]
+
+
+@dataclass
+class IOStats:
+    """Counters of the expert reads since the last reset."""
+
+    reads: int = 0  # records read from the files
+    bytes: int = 0  # bytes read from the files
+    cache_hits: int = 0  # records served by the in-RAM expert cache
+    seconds: float = 0.0  # wall time spent waiting for reads
+    per_layer: Dict[int, list] = field(default_factory=dict)  # layer -> [reads, bytes, seconds]
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.reads + self.cache_hits
+        return self.cache_hits / total if total else 0.0
+
+    def copy(self) -> "IOStats":
+        return IOStats(self.reads, self.bytes, self.cache_hits, self.seconds,
+                       {k: list(v) for k, v in self.per_layer.items()})
+
+    def __sub__(self, other: "IOStats") -> "IOStats":
+        return IOStats(self.reads - other.reads, self.bytes - other.bytes, self.cache_hits - other.cache_hits,
+                       self.seconds - other.seconds)
+
+
+class ExpertReader:
+    """Reads expert records of a packed model with a pool of threads.
+
+    Args:
+        model_dir: the packed model directory.
+        manifest: its manifest (``load_manifest``).
+        threads: reads in flight at once; each record is one ``pread``.
+        check: "first" verifies a record's CRC-32 the first time this process reads it,
+            "always" on every read, "never" trusts the files.
+        cache_bytes: size of an in-RAM LRU cache of records (0: trust the OS page cache).
+        direct: open the files with O_DIRECT (Linux) / F_NOCACHE (macOS) to bypass the page cache.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, manifest: Manifest, *, threads: int = 8,
+                 check: str = "first", cache_bytes: int = 0, direct: bool = False):
+        if check not in ("first", "always", "never"):
+            raise ValueError(f"check must be 'first', 'always' or 'never', not {check!r}")
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest
+        self.record_size = manifest.layout.record_size
+        self.check = check
+        self.direct = direct
+        self.stats = IOStats()
+        self._paths = {e.layer: self.model_dir / e.file for e in manifest.layers}
+        self._checksums = {e.layer: e.checksums for e in manifest.layers}
+        self._verified = {e.layer: np.zeros(manifest.num_experts, dtype=bool) for e in manifest.layers}
+        self._fds = {layer: self._open(path) for layer, path in self._paths.items()}
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flash-moe-io") if threads > 1 else None
+        self._buffers = [aligned_buffer(0), aligned_buffer(0)]  # ring of two: one in use, one being filled
+        self._next = 0
+        self._cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+
+    def _open(self, path: Path) -> int:
+        flags = os.O_RDONLY
+        if self.direct and sys.platform.startswith("linux"):
+            flags |= os.O_DIRECT
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise ModelFormatError(f"{path}: cannot open expert file ({exc.strerror}). "
+                                   "Check the path, or re-run `flash-moe convert`.") from exc
+        if self.direct and sys.platform == "darwin":
+            import fcntl
+            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+        return fd
+
+    # -- reading ---------------------------------------------------------------------------
+    def _buffer(self, n: int) -> np.ndarray:
+        i = self._next
+        self._next ^= 1
+        if self._buffers[i].shape[0] < n * self.record_size:
+            self._buffers[i] = aligned_buffer(n * self.record_size, self.manifest.layout.alignment)
+        return self._buffers[i][: n * self.record_size].reshape(n, self.record_size)
+
+    def _read_one(self, layer: int, expert: int, out: np.ndarray) -> None:
+        self._read_raw(layer, expert, out)
+        if self.check == "always" or (self.check == "first" and not self._verified[layer][expert]):
+            self._verify(layer, expert, out)
+
+    def _read_raw(self, layer: int, expert: int, out: np.ndarray) -> None:
+        fd, size = self._fds[layer], self.record_size
+        offset, done, view = expert * size, 0, memoryview(out)
+        while done < size:
+            try:
+                got = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise ModelFormatError(f"{self._paths[layer]}: read error at byte {offset + done} "
+                                       f"(layer {layer}, expert {expert}): {exc.strerror}. "
+                                       "Check the disk; `flash-moe verify` checks every record.") from exc
+            if got == 0:
+                raise ModelFormatError(f"{self._paths[layer]}: file ends at byte {offset + done}, inside "
+                                       f"the record of expert {expert} (layer {layer}): truncated. "
+                                       "Re-run `flash-moe convert`.")
+            done += got
+
+    def _verify(self, layer: int, expert: int, record: np.ndarray) -> None:
+        if zlib.crc32(record) != self._checksums[layer][expert]:
+            raise CorruptRecordError(
+                f"{self._paths[layer]}: the record of expert {expert} (layer {layer}, bytes "
+                f"{expert * self.record_size}..{(expert + 1) * self.record_size}) fails its checksum: the "
+                "file is corrupt. Run `flash-moe verify` to list every bad record, then re-convert the model.")
+        self._verified[layer][expert] = True
+
+    def read(self, layer: int, experts: Sequence[int]) -> np.ndarray:
+        """Read the records of ``experts`` of MoE layer ``layer``.
+
+        Returns a [len(experts), record_size] uint8 view of an internal buffer, valid until
+        the call after next (two buffers rotate, so one read may fill while the last is used).
+        """
+        experts = [int(e) for e in experts]
+        out = self._buffer(len(experts))
+        t0 = time.perf_counter()
+        misses = []
+        for i, e in enumerate(experts):
+            hit = self._cache.get((layer, e)) if self.cache_bytes else None
+            if hit is not None:
+                self._cache.move_to_end((layer, e))
+                out[i] = hit
+            else:
+                misses.append(i)
+        if self._pool is None or len(misses) <= 1:
+            for i in misses:
+                self._read_one(layer, experts[i], out[i])
+        else:
+            for f in [self._pool.submit(self._read_one, layer, experts[i], out[i]) for i in misses]:
+                f.result()
+        seconds = time.perf_counter() - t0
+        if self.cache_bytes:
+            for i in misses:
+                self._remember((layer, experts[i]), out[i])
+        nbytes = len(misses) * self.record_size
+        s = self.stats
+        s.reads += len(misses)
+        s.bytes += nbytes
+        s.cache_hits += len(experts) - len(misses)
+        s.seconds += seconds
+        layer_stats = s.per_layer.setdefault(layer, [0, 0, 0.0])
+        layer_stats[0] += len(misses)
+        layer_stats[1] += nbytes
+        layer_stats[2] += seconds
+        return out
+
+    def _remember(self, key: tuple, record: np.ndarray) -> None:
+        if self.record_size > self.cache_bytes:
+            return
+        while self._cached_bytes + self.record_size > self.cache_bytes:
+            self._cache.popitem(last=False)
+            self._cached_bytes -= self.record_size
+        self._cache[key] = record.copy()
+        self._cached_bytes += self.record_size
+
+    # -- whole-file checks -----------------------------------------------------------------
+    def verify(self, progress: bool = True) -> list:
+        """Check every record's CRC-32; returns the list of (file, layer, expert) that fail."""
+        from tqdm.auto import tqdm
+
+        bad = []
+        total = len(self._paths) * self.manifest.num_experts
+        buf = aligned_buffer(self.record_size, self.manifest.layout.alignment)
+        with tqdm(total=total, unit="record", desc="verify", disable=not progress) as bar:
+            for layer in self._paths:
+                for e in range(self.manifest.num_experts):
+                    self._read_raw(layer, e, buf)
+                    if zlib.crc32(buf) != self._checksums[layer][e]:
+                        bad.append((str(self._paths[layer]), layer, e))
+                    bar.update(1)
+        return bad
+
+    def drop_page_cache(self) -> None:
+        """Ask the OS to evict this model's expert files from the page cache (Linux)."""
+        if hasattr(os, "posix_fadvise"):
+            for fd in self._fds.values():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

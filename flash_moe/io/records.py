@@ -1,0 +1,61 @@
+"""Expert records <-> arrays: packing at conversion time, unpacking into MLX at run time."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import mlx.core as mx
+import numpy as np
+
+from ..kernels.reference import ExpertWeights, Projection
+from .format import DTYPES, ExpertLayout
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+def mx_dtype_name(a: mx.array) -> str:
+    return {mx.uint32: "uint32", mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[a.dtype]
+
+
+def to_numpy_bits(a: mx.array) -> np.ndarray:
+    """An MLX array as numpy, bfloat16 carried as its raw uint16 bits."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.asarray(a)
+
+
+def pack_record(tensors: Dict[str, mx.array], layout: ExpertLayout) -> bytes:
+    """Serialise one expert's tensors into a zero-padded record of ``layout.record_size`` bytes."""
+    buf = bytearray(layout.record_size)
+    for slot in layout.tensors:
+        a = to_numpy_bits(tensors[slot.name])
+        if list(a.shape) != slot.shape:
+            raise ValueError(f"{slot.name}: shape {list(a.shape)}, layout expects {slot.shape}")
+        raw = np.ascontiguousarray(a).tobytes()
+        buf[slot.offset: slot.offset + len(raw)] = raw
+    return bytes(buf)
+
+
+def _field(records: np.ndarray, slot) -> mx.array:
+    n = records.shape[0]
+    raw = records[:, slot.offset: slot.offset + slot.nbytes]
+    arr = mx.array(raw.view(DTYPES[slot.dtype]).reshape(n, *slot.shape))  # the one copy into MLX
+    return arr.view(mx.bfloat16) if slot.dtype == "bfloat16" else arr
+
+
+def records_to_weights(records: np.ndarray, layout: ExpertLayout) -> ExpertWeights:
+    """Turn ``records`` ([n, record_size] uint8, as read from disk) into stacked MLX weights.
+
+    Each tensor is copied once, from the read buffer into an MLX array; the buffer can be
+    reused as soon as this returns.
+    """
+    names = {s.name: s for s in layout.tensors}
+    projections = []
+    for p in PROJECTIONS:
+        weight = _field(records, names[f"{p}.weight"])
+        if layout.bits < 16:
+            projections.append(Projection(weight, _field(records, names[f"{p}.scales"]),
+                                          _field(records, names[f"{p}.biases"])))
+        else:
+            projections.append(Projection(weight))
+    return ExpertWeights(*projections, bits=layout.bits, group_size=layout.group_size)

@@ -1,0 +1,130 @@
+"""The streaming sparse-MoE block: router -> host sync -> read k records -> expert SwiGLU -> combine.
+
+It is model-agnostic: any architecture whose MoE is "softmax (or sigmoid) router, top-k,
+SwiGLU experts, optional gated shared expert" builds it with its own sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .. import kernels
+from ..kernels.reference import ExpertWeights
+
+
+class ExpertSource(Protocol):
+    """Where a MoE layer's expert weights come from."""
+
+    indexes_all: bool  # True: fetch returns every expert and indices stay global
+
+    def fetch(self, layer: int, experts: np.ndarray) -> ExpertWeights:
+        """Stacked weights of ``experts`` (sorted, unique) of MoE layer ``layer``."""
+        ...
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU feed-forward (the shared expert, or a dense layer's MLP)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class StreamingMoE(nn.Module):
+    """Sparse MoE whose routed experts are fetched from an ``ExpertSource`` per call.
+
+    Only the router and the shared expert are parameters of the module; the routed experts
+    are read for exactly the indices the router picks. All tokens of the call are routed at
+    once, so a prompt chunk reads each distinct expert once per layer.
+    """
+
+    def __init__(self, layer: int, dim: int, num_experts: int, top_k: int, norm_topk_prob: bool = True,
+                 shared_expert_dim: int = 0, shared_expert_gate: bool = True):
+        super().__init__()
+        self.layer = layer
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        if shared_expert_dim:
+            self.shared_expert = SwiGLU(dim, shared_expert_dim)
+            if shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
+        self._source: Optional[ExpertSource] = None  # set by the loader; not a parameter
+
+    def route(self, x: mx.array):
+        """Top-k expert indices and their (renormalised) softmax weights."""
+        probs = mx.softmax(self.gate(x), axis=-1, precise=True)
+        k = self.top_k
+        inds = mx.argpartition(probs, kth=-k, axis=-1)[..., -k:]
+        scores = mx.take_along_axis(probs, inds, axis=-1)
+        if self.norm_topk_prob:
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        return inds, scores
+
+    def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        inds, scores = self.route(x2)
+
+        # The shared expert needs no routing: let the device start on it while the disk works.
+        shared, shared_gate = None, None
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert(x2)
+            shared_gate = self.shared_expert_gate(x2) if hasattr(self, "shared_expert_gate") else None
+            mx.async_eval(shared)
+
+        # The one host sync of the layer: which experts to read.
+        if self._source is None:
+            raise RuntimeError("no expert source attached: load models with flash_moe.load()")
+        host_inds = np.array(inds)
+        needed, local = np.unique(host_inds, return_inverse=True)
+        weights = self._source.fetch(self.layer, needed)
+        if self._source.indexes_all:  # resident: index the full stack directly
+            local = inds
+        else:
+            local = mx.array(local.reshape(host_inds.shape).astype(np.int32))
+        y = kernels.expert_mlp(x2, weights, local, scores)
+
+        res = mx.zeros_like(y) if residual is None else residual.reshape(y.shape)
+        if shared is None:
+            out = res + y
+        elif shared_gate is None:
+            out = res + (y + shared)
+        else:
+            out = kernels.moe_combine(y, shared, shared_gate, res)
+        return out.reshape(shape)
+
+
+class StreamingModel:
+    """What every streaming architecture's ``Model`` adds to mlx-lm's model protocol."""
+
+    expert_reader = None  # the ExpertReader, set by flash_moe.load
+
+    def moe_blocks(self) -> list:
+        return [layer.mlp for layer in self.layers if isinstance(getattr(layer, "mlp", None), StreamingMoE)]
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.moe_blocks()[0].top_k
+
+    def set_experts_per_token(self, k: int) -> None:
+        """Route each token to ``k`` experts (fewer reads, lower quality; up to num_experts)."""
+        blocks = self.moe_blocks()
+        if not 1 <= int(k) <= blocks[0].num_experts:
+            raise ValueError(f"experts_per_token must be in 1..{blocks[0].num_experts}, got {k}")
+        for block in blocks:
+            block.top_k = int(k)
+
+    def attach_experts(self, source: ExpertSource) -> None:
+        for block in self.moe_blocks():
+            block._source = source
