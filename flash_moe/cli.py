@@ -13,7 +13,7 @@ from .errors import FlashMoeError
 
 
 def _convert(args) -> None:
-    from .convert import convert
+    from .conversion import convert
 
     out = convert(args.src, args.dst, bits=args.bits, group_size=args.group_size, resident_bits=args.resident_bits,
                   dtype=args.dtype, alignment=args.alignment, overwrite=args.overwrite, resume=args.resume)
@@ -27,7 +27,7 @@ def _sampler(args):
 
 
 def _run_generation(model, tokenizer, prompt, args) -> None:
-    from .generate import format_stats, stream_generate
+    from .generation import format_stats, stream_generate
 
     t0, response, tokens = time.perf_counter(), None, []
     for response in stream_generate(model, tokenizer, prompt, args.max_tokens, sampler=_sampler(args)):
@@ -58,7 +58,7 @@ def _generate(args) -> None:
 
 
 def _demo(args) -> None:
-    from .convert import convert
+    from .conversion import convert
     from .loader import load
     from .tiny import make_tiny_checkpoint
 
@@ -85,7 +85,7 @@ def _demo(args) -> None:
 
 
 def _verify(args) -> None:
-    from .verify import verify
+    from .verification import verify
 
     bad = verify(args.model)
     if bad:

@@ -1,0 +1,300 @@
+"""Turns one algorithm text into a Metal and a CUDA kernel source.
+
+A kernel body (``sources.py``) is written once against a few ``FM_*`` macros and
+``fm_*`` index variables. For each target this module adds:
+
+* a header prelude: the macros (address spaces, threadgroup memory, barrier, warp
+  shuffle, bit cast, exp, inline) followed by the shared helper functions;
+* a body prelude: the thread/threadgroup/lane/warp indices from the target's built-ins.
+
+``render(spec, target)`` gives the ``(header, source)`` pair that ``mx.fast.metal_kernel``
+or ``mx.fast.cuda_kernel`` takes. ``metal_translation_unit`` and ``cuda_translation_unit``
+rebuild the complete source that MLX 0.32 compiles around them (the function signature it
+writes from the input/output names, dtypes and template arguments), so the generated code
+can be compiled on a machine without the GPU: clang against a Metal shim
+(``tools/metal_check``), nvcc for CUDA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
+
+import mlx.core as mx
+
+from . import sources
+
+TARGETS = ("metal", "cuda")
+
+METAL_MACROS = r"""
+// ---- flash-moe target prelude: Metal ----
+#define FM_INLINE inline
+#define FM_DEVICE device
+#define FM_THREAD thread
+#define FM_SHARED threadgroup
+#define FM_BARRIER() metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup)
+#define FM_SHFL_XOR(v, m) metal::simd_shuffle_xor((v), (ushort)(m))
+#define FM_AS_FLOAT(u) as_type<float>(u)
+#define FM_EXP(v) metal::exp(v)
+"""
+
+CUDA_MACROS = r"""
+// ---- flash-moe target prelude: CUDA ----
+#define FM_INLINE __device__ __forceinline__
+#define FM_DEVICE
+#define FM_THREAD
+#define FM_SHARED __shared__
+#define FM_BARRIER() __syncthreads()
+#define FM_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
+#define FM_AS_FLOAT(u) __uint_as_float(u)
+#define FM_EXP(v) expf(v)
+"""
+
+# Metal's wrapper declares a built-in only when its name appears in the body, so the
+# indices are read here, in the body, not in header macros.
+METAL_BODY_PRELUDE = r"""
+  const int fm_tg = int(threadgroup_position_in_grid.x);
+  const int fm_tid = int(thread_position_in_threadgroup.x);
+  const int fm_lane = int(thread_index_in_simdgroup);
+  const int fm_warp = int(simdgroup_index_in_threadgroup);
+"""
+
+CUDA_BODY_PRELUDE = r"""
+  const int fm_tg = int(blockIdx.x);
+  const int fm_tid = int(threadIdx.x);
+  const int fm_lane = fm_tid & 31;
+  const int fm_warp = fm_tid >> 5;
+"""
+
+_MACROS = {"metal": METAL_MACROS, "cuda": CUDA_MACROS}
+_BODY_PRELUDES = {"metal": METAL_BODY_PRELUDE, "cuda": CUDA_BODY_PRELUDE}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel: its algorithm text and the names MLX puts in the signature.
+
+    ``template`` lists the template parameter names in the order they are passed
+    (ints and dtypes); ``defines`` are ``#define``s placed before the helpers (used for
+    compile-time variants that change the signature, such as the fused combine).
+    """
+
+    name: str
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    body: str
+    template: Tuple[str, ...]
+    defines: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
+
+    def header(self, target: str) -> str:
+        defs = "".join(f"#define {k} {v}\n" for k, v in self.defines)
+        return _MACROS[target] + defs + sources.HELPERS
+
+    def source(self, target: str) -> str:
+        return _BODY_PRELUDES[target] + self.body
+
+    def kernel_name(self, target: str) -> str:
+        """Name with a hash of the full text: MLX caches compiled kernels by name
+        (the CUDA backend also on disk), so a changed text must get a new name."""
+        digest = hashlib.sha1((self.header(target) + self.source(target)).encode()).hexdigest()[:10]
+        return f"fm_{self.name}_{digest}"
+
+
+def render(spec: KernelSpec, target: str) -> Tuple[str, str]:
+    """(header, source) for ``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}")
+    return spec.header(target), spec.source(target)
+
+
+_PROJ_INPUTS = ("x", "wg", "sg", "bg", "wu", "su", "bu", "inds")
+
+GATE_UP = KernelSpec(
+    name="gate_up",
+    inputs=_PROJ_INPUTS,
+    outputs=("h",),
+    body=sources.GATE_UP,
+    template=("BITS", "GS", "D", "I", "K", "R", "W", "XT", "ST"),
+)
+DOWN = KernelSpec(
+    name="down",
+    inputs=("h", "wd", "sd", "bd", "inds", "scores"),
+    outputs=("y",),
+    body=sources.DOWN,
+    template=("BITS", "GS", "D", "O", "K", "R", "W", "ST", "RT", "OutT"),
+    defines=(("FM_COMBINE", "0"),),
+)
+DOWN_COMBINE = KernelSpec(
+    name="down_combine",
+    inputs=("h", "wd", "sd", "bd", "inds", "scores", "shared_out", "shared_gate", "residual"),
+    outputs=("y",),
+    body=sources.DOWN,
+    template=("BITS", "GS", "D", "O", "K", "R", "W", "ST", "RT", "OutT", "CT"),
+    defines=(("FM_COMBINE", "1"),),
+)
+COMBINE = KernelSpec(
+    name="combine",
+    inputs=("expert_out", "shared_out", "shared_gate", "residual"),
+    outputs=("out",),
+    body=sources.COMBINE,
+    template=("NE", "HD", "W", "ET", "ST", "GT", "RT", "OutT"),
+)
+GATED_DELTA = KernelSpec(
+    name="gated_delta",
+    inputs=("q", "k", "v", "g", "beta", "state"),
+    outputs=("y", "state_out"),
+    body=sources.GATED_DELTA,
+    template=("B", "HK", "HV", "DK", "DV", "R", "W", "QT", "KT", "VT", "GT", "BT", "OutT"),
+)
+
+ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, COMBINE, GATED_DELTA)
+
+
+# --------------------------------------------------------------------------------------
+# Full translation units, as MLX 0.32 assembles them (for compile checks off the GPU).
+# --------------------------------------------------------------------------------------
+
+TemplateValue = Union[int, bool, mx.Dtype]
+
+_METAL_TYPE = {
+    mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t",
+    mx.uint32: "uint32_t", mx.int32: "int32_t", mx.uint8: "uint8_t", mx.int64: "int64_t",
+}
+_CUDA_TYPE = {
+    mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
+    mx.uint32: "uint32_t", mx.int32: "int32_t", mx.uint8: "uint8_t", mx.int64: "int64_t",
+}
+
+# The built-ins MLX's metal_kernel declares when their name occurs in the body (in this order).
+METAL_ATTRIBUTES = (
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+)
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What the signature writers need to know about one input array."""
+
+    dtype: mx.Dtype
+    size: int
+    ndim: int = 1
+
+
+def _template_value(v: TemplateValue, types: Mapping) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    return types[v]
+
+
+def metal_translation_unit(
+    spec: KernelSpec,
+    inputs: Sequence[InputInfo],
+    output_dtypes: Sequence[mx.Dtype],
+    template: Sequence[Tuple[str, TemplateValue]],
+    prologue: str = '#include "metal_shim.h"\n',
+    attributes_on_instantiation: bool = False,
+) -> str:
+    """The Metal library source ``mx.fast.metal_kernel`` builds (MLX 0.32 write_signature).
+
+    MLX prepends its own ``utils.h``; ``prologue`` stands in for it. Inputs with fewer than
+    8 elements go to the ``constant`` address space, others to ``device``; scalars are
+    references. The explicit instantiation carries ``[[host_name]] [[kernel]]``, which a
+    C++ compiler cannot parse in that place, so it is dropped unless asked for.
+    """
+    header, body = render(spec, "metal")
+    name = "custom_kernel_" + spec.kernel_name("metal")
+    tparams = []
+    for pname, v in template:
+        kind = "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
+        tparams.append(f"{kind} {pname}")
+    lines = [prologue, header]
+    if tparams:
+        lines.append("template <" + ", ".join(tparams) + ">\n")
+    params: List[str] = []
+    index = 0
+    for pname, info in zip(spec.inputs, inputs):
+        space = "constant" if info.size < 8 else "device"
+        ref = "&" if info.ndim == 0 else "*"
+        params.append(f"  const {space} {_METAL_TYPE[info.dtype]}{ref} {pname} [[buffer({index})]]")
+        index += 1
+        for suffix, ctype in (("_shape", "int*"), ("_strides", "int64_t*"), ("_ndim", "int&")):
+            if info.ndim > 0 and (pname + suffix) in body:
+                params.append(f"  const constant {ctype} {pname}{suffix} [[buffer({index})]]")
+                index += 1
+    for pname, dt in zip(spec.outputs, output_dtypes):
+        params.append(f"  device {_METAL_TYPE[dt]}* {pname} [[buffer({index})]]")
+        index += 1
+    for attr, ctype in METAL_ATTRIBUTES:
+        if attr in body:
+            params.append(f"  {ctype} {attr} [[{attr}]]")
+    lines.append(f"[[kernel]] void {name}(\n" + ",\n".join(params) + ") {\n")
+    lines.append(body + "\n}\n")
+    if tparams:
+        targs = "<" + ", ".join(_template_value(v, _METAL_TYPE) for _, v in template) + ">"
+        attrs = f'[[host_name("{name}")]] [[kernel]] ' if attributes_on_instantiation else ""
+        lines.append(f"\ntemplate {attrs}decltype({name}{targs}) {name}{targs};\n")
+    return "".join(lines)
+
+
+CUDA_DEFAULT_HEADER = r"""
+#include "mlx/backend/cuda/device/utils.cuh"
+
+#include <cooperative_groups.h>
+
+#define inf cuda::std::numeric_limits<float>::infinity()
+
+"""
+
+
+def cuda_translation_unit(
+    spec: KernelSpec,
+    inputs: Sequence[InputInfo],
+    output_dtypes: Sequence[mx.Dtype],
+    template: Sequence[Tuple[str, TemplateValue]],
+) -> str:
+    """The CUDA source ``mx.fast.cuda_kernel`` hands to NVRTC (MLX 0.32 build_kernel)."""
+    header, body = render(spec, "cuda")
+    name = "custom_kernel_" + spec.kernel_name("cuda")
+    out = [CUDA_DEFAULT_HEADER, header, "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"]
+    params = [f"    const {_CUDA_TYPE[i.dtype]}* {n}" for n, i in zip(spec.inputs, inputs)]
+    params += [f"    {_CUDA_TYPE[d]}* {n}" for n, d in zip(spec.outputs, output_dtypes)]
+    out.append(f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n")
+    for pname, v in template:
+        if isinstance(v, bool):
+            out.append(f"  constexpr bool {pname} = {'true' if v else 'false'};\n")
+        elif isinstance(v, int):
+            out.append(f"  constexpr int {pname} = {v};\n")
+        else:
+            out.append(f"  using {pname} = {_CUDA_TYPE[v]};\n")
+    out.append("\n" + body + "\n}\n\n} // namespace mlx::core::cu\n")
+    return "".join(out)
+
+
+def template_args(spec: KernelSpec, values: Dict[str, TemplateValue]) -> List[Tuple[str, TemplateValue]]:
+    """The (name, value) list in the spec's order; every name must be given."""
+    missing = [t for t in spec.template if t not in values]
+    if missing:
+        raise KeyError(f"{spec.name}: missing template values {missing}")
+    return [(t, values[t]) for t in spec.template]

@@ -1,0 +1,363 @@
+"""The algorithm text of every custom kernel, written once for Metal and CUDA.
+
+Each text is the *body* of an ``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``; the
+per-target parts (thread indices, SIMD/warp shuffles, threadgroup memory, barriers,
+address spaces, bit casts) are the ``FM_*`` macros and ``fm_*`` variables that
+``codegen.py`` defines for each target. Shapes are compile-time template integers, so
+loops unroll and every shape gets its own specialised kernel.
+
+Vocabulary used below:
+  lane    one of the 32 threads of a SIMD-group (Metal) / warp (CUDA);
+  EPL     elements one lane dequantizes from one 16-byte load (4 uint32 words);
+  LPR     lanes that share one matrix row (32, or fewer when a row is short);
+  SUB     rows a warp works on side by side (32 / LPR);
+  x'      a vector pre-scaled for the "mask in place" dequantization (see HELPERS).
+"""
+
+# Helpers shared by the kernels (placed in the kernel header, before the function).
+HELPERS = r"""
+// ---- flash-moe shared helpers (same text for Metal and CUDA) ----
+
+// q * 2^(BITS*p) for the element whose BITS-wide field sits at bit BITS*p (< 16) of w.
+// The masked field is OR-ed into the mantissa of the float 2^23 and 2^23 is subtracted,
+// both exact: one bitwise op and one add instead of a shift and a (slow) int->float
+// conversion. The caller pre-scales the matching x by 2^-(BITS*p), so that
+// (q * 2^(BITS*p)) * (x * 2^-(BITS*p)) == q * x.
+FM_INLINE float fm_field(uint32_t w, uint32_t mask) {
+  return FM_AS_FLOAT((w & mask) | 0x4B000000u) - 8388608.0f;
+}
+
+// 2^-(BITS*p) for element i of a lane chunk: p is its field position inside its
+// 16-bit half-word (words are split into halves so that every field sits below bit 16).
+template <int BITS>
+FM_INLINE float fm_pos_scale(int i) {
+  const int half_elems = 16 / BITS;
+  const int p = i % half_elems;
+  return 1.0f / float(1u << (BITS * p));
+}
+
+template <int BITS>
+FM_INLINE float fm_pos_unscale(int i) {
+  const int half_elems = 16 / BITS;
+  return float(1u << (BITS * (i % half_elems)));
+}
+
+// sum_i q_i * x'_i over the 4 words of one 16-byte load (EPL = 128 / BITS elements).
+template <int BITS>
+FM_INLINE float fm_dot_chunk(uint4 w4, FM_THREAD const float* xv) {
+  const int pack = 32 / BITS;
+  const int half_elems = pack / 2;
+  const uint32_t m = (1u << BITS) - 1u;
+  const uint32_t ws[4] = {w4.x, w4.y, w4.z, w4.w};
+  float acc = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t v = (h == 0) ? ws[k] : (ws[k] >> 16);
+#pragma unroll
+      for (int p = 0; p < half_elems; ++p) {
+        acc += fm_field(v, m << (BITS * p)) * xv[k * pack + h * half_elems + p];
+      }
+    }
+  }
+  return acc;
+}
+
+// Butterfly sum over groups of LPR adjacent lanes (every lane of the warp must call it).
+template <int LPR>
+FM_INLINE float fm_lane_sum(float v) {
+#pragma unroll
+  for (int m = LPR / 2; m > 0; m >>= 1) {
+    v += FM_SHFL_XOR(v, m);
+  }
+  return v;
+}
+
+FM_INLINE float fm_sigmoid(float v) {
+  return 1.0f / (1.0f + FM_EXP(-v));
+}
+
+// Position of element el of a D-long vector in the "lane-major" layout that the
+// projection kernels read: [step][i][lane], so that lane l of a warp reading element i
+// of its chunk touches consecutive words (conflict-free in threadgroup memory,
+// coalesced in device memory).
+template <int EPL, int LPR>
+FM_INLINE int fm_lane_major(int el) {
+  const int step = el / (EPL * LPR);
+  const int r = el % (EPL * LPR);
+  return (step * EPL + (r % EPL)) * LPR + r / EPL;
+}
+"""
+
+# Shapes common to the two projection kernels, for an input dimension D (template int).
+_PROJ_CONSTANTS = r"""
+  constexpr int PACK = 32 / BITS;                    // elements per uint32 word
+  constexpr int EPL = 4 * PACK;                      // elements per lane per 16-byte load
+  constexpr int LPR = (D / EPL < 32) ? D / EPL : 32; // lanes per row
+  constexpr int SUB = 32 / LPR;                      // rows side by side in a warp
+  constexpr int STEP = LPR * EPL;                    // elements of a row per warp step
+  constexpr int NSTEP = D / STEP;
+  constexpr int WPR = D / PACK;                      // words per row
+  constexpr int GPR = D / GS;                        // groups per row
+  const int sub = fm_lane / LPR;
+  const int sl = fm_lane % LPR;
+"""
+
+# gate/up projection fused with SwiGLU, one (token, expert) pair per threadgroup row block.
+GATE_UP = r"""
+  // fm_gate_up: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair].
+  // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (row slots per
+  // warp), W (warps per threadgroup). Output h: [N*K, I] float32, lane-major and
+  // pre-scaled for the down kernel (which reads it with the same BITS).
+""" + _PROJ_CONSTANTS + r"""
+  constexpr int ROWS_TG = W * R * SUB;
+  constexpr int RB = I / ROWS_TG;
+  constexpr int EPL_H = EPL;
+  constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
+
+  const int pair = fm_tg / RB;
+  const int rb = fm_tg % RB;
+  const int n = pair / K;
+  const int e = int(inds[pair]);
+
+  // Stage x' (this token's x, pre-scaled per field position) in threadgroup memory,
+  // lane-major, and the plain sum of each lane chunk (the bias term needs sum(x)).
+  FM_SHARED float xs[D];
+  FM_SHARED float xsum[D / EPL];
+  for (int t = fm_tid; t < D; t += W * 32) {
+    const int step = t / STEP;
+    const int i = (t % STEP) / LPR;
+    const int lane = t % LPR;
+    const float v = static_cast<float>(x[n * D + step * STEP + lane * EPL + i]);
+    xs[t] = v * fm_pos_scale<BITS>(i);
+  }
+  for (int c = fm_tid; c < D / EPL; c += W * 32) {
+    float s = 0.0f;
+    for (int i = 0; i < EPL; ++i) {
+      s += static_cast<float>(x[n * D + c * EPL + i]);
+    }
+    xsum[c] = s;  // chunk c is lane c % LPR's chunk of step c / LPR
+  }
+  FM_BARRIER();
+
+  const int64_t wbase = int64_t(e) * I;
+  float ag[R];
+  float au[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    ag[r] = 0.0f;
+    au[r] = 0.0f;
+  }
+#pragma unroll
+  for (int s = 0; s < NSTEP; ++s) {
+    const int c = s * STEP + sl * EPL;  // first element of this lane's chunk
+    const int grp = c / GS;
+    float xv[EPL];
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      xv[i] = xs[(s * EPL + i) * LPR + sl];
+    }
+    const float xsm = xsum[s * LPR + sl];
+    uint4 qg[R];
+    uint4 qu[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {  // issue every load of the step before using any
+      const int row = ((rb * W + fm_warp) * R + r) * SUB + sub;
+      const int64_t wrow = (wbase + row) * WPR + c / PACK;
+      qg[r] = *((const FM_DEVICE uint4*)(wg + wrow));
+      qu[r] = *((const FM_DEVICE uint4*)(wu + wrow));
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int row = ((rb * W + fm_warp) * R + r) * SUB + sub;
+      const int64_t srow = (wbase + row) * GPR + grp;
+      ag[r] += static_cast<float>(sg[srow]) * fm_dot_chunk<BITS>(qg[r], xv) +
+          static_cast<float>(bg[srow]) * xsm;
+      au[r] += static_cast<float>(su[srow]) * fm_dot_chunk<BITS>(qu[r], xv) +
+          static_cast<float>(bu[srow]) * xsm;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float gsum = fm_lane_sum<LPR>(ag[r]);
+    const float usum = fm_lane_sum<LPR>(au[r]);
+    if (sl == 0) {
+      const int row = ((rb * W + fm_warp) * R + r) * SUB + sub;
+      const float hv = gsum * fm_sigmoid(gsum) * usum;
+      const int at = fm_lane_major<EPL_H, LPR_H>(row);
+      h[int64_t(pair) * I + at] = hv * fm_pos_scale<BITS>(row % EPL_H);
+    }
+  }
+"""
+
+# down projection with routing weights and the k-way sum (optionally the whole combine).
+DOWN = r"""
+  // fm_down: y[n] = sum_j scores[n,j] * (Wd_{inds[n,j]} h[n,j])  (+ combine if FM_COMBINE).
+  // Template ints: BITS, GS, D (= expert dim, the input dim), O (= hidden, rows), K,
+  // R (row slots per warp), W (warps per threadgroup; the warps split the K experts and
+  // share the rows, then add their partial sums through threadgroup memory).
+""" + _PROJ_CONSTANTS + r"""
+  constexpr int ROWS_TG = R * SUB;
+  constexpr int RB = O / ROWS_TG;
+  const int n = fm_tg / RB;
+  const int rb = fm_tg % RB;
+
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    acc[r] = 0.0f;
+  }
+  for (int j = fm_warp; j < K; j += W) {
+    const int pair = n * K + j;
+    const int64_t wbase = int64_t(inds[pair]) * O;
+    const float route = static_cast<float>(scores[pair]);
+    float dr[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      dr[r] = 0.0f;
+    }
+#pragma unroll
+    for (int s = 0; s < NSTEP; ++s) {
+      const int c = s * STEP + sl * EPL;
+      const int grp = c / GS;
+      uint4 q[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = (rb * R + r) * SUB + sub;
+        q[r] = *((const FM_DEVICE uint4*)(wd + (wbase + row) * WPR + c / PACK));
+      }
+      float xv[EPL];
+      float xsm = 0.0f;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) {
+        xv[i] = h[int64_t(pair) * D + (s * EPL + i) * LPR + sl];
+        xsm += xv[i] * fm_pos_unscale<BITS>(i);  // exact: a power of two
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int row = (rb * R + r) * SUB + sub;
+        const int64_t srow = (wbase + row) * GPR + grp;
+        dr[r] += static_cast<float>(sd[srow]) * fm_dot_chunk<BITS>(q[r], xv) +
+            static_cast<float>(bd[srow]) * xsm;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc[r] += route * dr[r];
+    }
+  }
+
+  FM_SHARED float part[W * ROWS_TG];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float v = fm_lane_sum<LPR>(acc[r]);
+    if (sl == 0) {
+      part[fm_warp * ROWS_TG + r * SUB + sub] = v;
+    }
+  }
+  FM_BARRIER();
+  if (fm_tid < ROWS_TG) {
+    float t = 0.0f;
+    for (int w = 0; w < W; ++w) {
+      t += part[w * ROWS_TG + fm_tid];
+    }
+    const int64_t at = int64_t(n) * O + rb * ROWS_TG + fm_tid;
+#if FM_COMBINE
+    t = static_cast<float>(residual[at]) +
+        (t + fm_sigmoid(static_cast<float>(shared_gate[n])) * static_cast<float>(shared_out[at]));
+#endif
+    y[at] = static_cast<OutT>(t);
+  }
+"""
+
+# residual + expert_out + sigmoid(shared_gate) * shared_out, elementwise.
+COMBINE = r"""
+  // fm_combine: out = residual + (expert_out + sigmoid(shared_gate[m]) * shared_out).
+  // Template ints: NE (elements), HD (row length), W (warps per threadgroup).
+  const int64_t idx = int64_t(fm_tg) * (W * 32) + fm_tid;
+  if (idx < NE) {
+    const float gate = fm_sigmoid(static_cast<float>(shared_gate[idx / HD]));
+    const float v = static_cast<float>(residual[idx]) +
+        (static_cast<float>(expert_out[idx]) + gate * static_cast<float>(shared_out[idx]));
+    out[idx] = static_cast<OutT>(v);
+  }
+"""
+
+# one decode step of the gated delta rule, one (b, hv, dv) state row per lane group.
+GATED_DELTA = r"""
+  // fm_gated_delta: per state row S[b,hv,dv,:] (length DK):
+  //   S *= g;  S += k * beta * (v[dv] - S.k);  y[dv] = S.q
+  // Template ints: B, HK, HV, DK, DV, R (rows per lane group), W (warps per threadgroup).
+  constexpr int LPR = (DK / 4 < 32) ? DK / 4 : 32;  // lanes per row, 4 floats each
+  constexpr int SUB = 32 / LPR;
+  constexpr int NCH = DK / (4 * LPR);                // float4 chunks per lane
+  constexpr int ROWS_TG = W * R * SUB;
+  constexpr int NROWS = B * HV * DV;
+  const int sub = fm_lane / LPR;
+  const int sl = fm_lane % LPR;
+
+  float4 st[R][NCH];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {  // issue every state load first
+    const int row = fm_tg * ROWS_TG + (fm_warp * R + r) * SUB + sub;
+    const int lrow = row < NROWS ? row : NROWS - 1;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      st[r][c] = ((const FM_DEVICE float4*)(state + int64_t(lrow) * DK))[sl + c * LPR];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = fm_tg * ROWS_TG + (fm_warp * R + r) * SUB + sub;
+    const int lrow = row < NROWS ? row : NROWS - 1;
+    const int bh = lrow / DV;  // b * HV + hv
+    const int dv = lrow % DV;
+    const int b = bh / HV;
+    const int hk = (bh % HV) / (HV / HK);
+    const int64_t kq = (int64_t(b) * HK + hk) * DK;
+    const float gv = static_cast<float>(g[bh]);
+    const float bv = static_cast<float>(beta[bh]);
+    float kk[NCH][4];
+    float kv = 0.0f;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int d = (sl + c * LPR) * 4;
+      kk[c][0] = static_cast<float>(k[kq + d]);
+      kk[c][1] = static_cast<float>(k[kq + d + 1]);
+      kk[c][2] = static_cast<float>(k[kq + d + 2]);
+      kk[c][3] = static_cast<float>(k[kq + d + 3]);
+      st[r][c].x *= gv;
+      st[r][c].y *= gv;
+      st[r][c].z *= gv;
+      st[r][c].w *= gv;
+      kv += st[r][c].x * kk[c][0] + st[r][c].y * kk[c][1] + st[r][c].z * kk[c][2] +
+          st[r][c].w * kk[c][3];
+    }
+    kv = fm_lane_sum<LPR>(kv);
+    const float delta = bv * (static_cast<float>(v[int64_t(bh) * DV + dv]) - kv);
+    float out = 0.0f;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int d = (sl + c * LPR) * 4;
+      st[r][c].x += kk[c][0] * delta;
+      st[r][c].y += kk[c][1] * delta;
+      st[r][c].z += kk[c][2] * delta;
+      st[r][c].w += kk[c][3] * delta;
+      out += st[r][c].x * static_cast<float>(q[kq + d]) +
+          st[r][c].y * static_cast<float>(q[kq + d + 1]) +
+          st[r][c].z * static_cast<float>(q[kq + d + 2]) +
+          st[r][c].w * static_cast<float>(q[kq + d + 3]);
+    }
+    out = fm_lane_sum<LPR>(out);
+    if (row < NROWS) {
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+        ((FM_DEVICE float4*)(state_out + int64_t(row) * DK))[sl + c * LPR] = st[r][c];
+      }
+      if (sl == 0) {
+        y[int64_t(bh) * DV + dv] = static_cast<OutT>(out);
+      }
+    }
+  }
+"""

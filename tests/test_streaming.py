@@ -1,0 +1,166 @@
+"""The expert reader and the streaming MoE: what is read, how often, and bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import flash_moe
+from flash_moe.errors import CorruptRecordError, ModelFormatError, UnsupportedModelError
+from flash_moe.io.format import load_manifest
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def make(src):
+        dst = tmp_path / "model"
+        shutil.copytree(src, dst)
+        return dst
+    return make
+
+
+def spy_reads(model):
+    """Record every (layer, experts) the reader is asked for."""
+    reader, calls = model.expert_reader, []
+    real = reader.read
+
+    def read(layer, experts):
+        calls.append((layer, [int(e) for e in experts]))
+        return real(layer, experts)
+
+    reader.read = read
+    return calls
+
+
+def test_decode_reads_k_records_per_moe_layer(packed4):
+    model, _ = flash_moe.load(packed4)
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    before = model.expert_reader.stats.copy()
+    calls = spy_reads(model)
+    mx.eval(model(mx.array([[4]]), cache=cache))
+    assert [layer for layer, _ in calls] == [0, 1, 2, 3]
+    assert all(len(e) == 2 and len(set(e)) == 2 for _, e in calls)
+    delta = model.expert_reader.stats - before
+    assert delta.reads == 4 * 2
+    assert delta.bytes == 4 * 2 * load_manifest(packed4).layout.record_size
+
+
+def test_lower_k_reads_fewer_records(packed4):
+    model, _ = flash_moe.load(packed4, experts_per_token=1)
+    calls = spy_reads(model)
+    mx.eval(model(mx.array([[4]])))
+    assert all(len(e) == 1 for _, e in calls)
+
+
+def test_prompt_reads_each_distinct_expert_once_per_layer(packed4):
+    model, _ = flash_moe.load(packed4)
+    calls = spy_reads(model)
+    prompt = mx.array([list(range(3, 60))])
+    mx.eval(model(prompt))
+    assert [layer for layer, _ in calls] == [0, 1, 2, 3]  # one read batch per layer for the whole prompt
+    for _, experts in calls:
+        assert len(experts) == len(set(experts)) and experts == sorted(experts)
+    # they are exactly the experts the router picked for the prompt's tokens
+    stats = model.expert_reader.stats
+    assert stats.reads == sum(len(e) for _, e in calls) and stats.reads <= 4 * 8
+
+
+def test_ram_cache_serves_repeated_experts(packed4):
+    model, _ = flash_moe.load(packed4, cache_bytes=64 << 20)
+    mx.eval(model(mx.array([list(range(3, 60))])))
+    first = model.expert_reader.stats.copy()
+    mx.eval(model(mx.array([list(range(3, 60))])))
+    again = model.expert_reader.stats - first
+    assert again.reads == 0 and again.cache_hits == first.reads
+    assert model.expert_reader.stats.hit_rate == pytest.approx(0.5)
+
+
+def test_corrupt_record_is_caught_on_read_and_by_verify(packed4, copy_of):
+    model_dir = copy_of(packed4)
+    m = load_manifest(model_dir)
+    path = model_dir / m.entry(1).file
+    data = bytearray(path.read_bytes())
+    for e in range(m.num_experts):  # flip one byte in every record of layer 1
+        data[e * m.layout.record_size + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert sorted(flash_moe.verify(model_dir, progress=False)) == [(str(path), 1, e) for e in range(8)]
+    model, _ = flash_moe.load(model_dir)
+    with pytest.raises(CorruptRecordError, match=r"layer_001\.bin.*fails its checksum.*flash-moe verify"):
+        mx.eval(model(mx.array([[1, 2, 3]])))
+    assert flash_moe.verify(packed4, progress=False) == []
+
+
+def test_truncated_expert_file(packed4, copy_of):
+    model_dir = copy_of(packed4)
+    path = model_dir / load_manifest(model_dir).entry(2).file
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4096)
+    with pytest.raises(ModelFormatError, match=r"layer_002\.bin.*truncated"):
+        flash_moe.load(model_dir)
+
+
+def test_missing_files(packed4, copy_of, hf_checkpoint, tmp_path):
+    model_dir = copy_of(packed4)
+    (model_dir / "experts" / "layer_003.bin").unlink()
+    with pytest.raises(ModelFormatError, match=r"layer_003\.bin: expert file missing"):
+        flash_moe.load(model_dir)
+    (model_dir / "manifest.json").unlink()
+    with pytest.raises(ModelFormatError, match="manifest.json: missing"):
+        flash_moe.load(model_dir)
+    with pytest.raises(ModelFormatError, match="Hugging Face checkpoint: convert it first"):
+        flash_moe.load(hf_checkpoint)
+    with pytest.raises(ModelFormatError, match="no such directory"):
+        flash_moe.load(tmp_path / "nowhere")
+
+
+def test_manifest_of_another_version(packed4, copy_of):
+    model_dir = copy_of(packed4)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["version"] = 99
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match="version 99.*Re-convert"):
+        flash_moe.load(model_dir)
+
+
+def test_unsupported_model_type(tmp_path, hf_checkpoint):
+    src = tmp_path / "llama"
+    shutil.copytree(hf_checkpoint, src)
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "llama"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"config.json: model_type 'llama' is not supported"):
+        flash_moe.convert(src, tmp_path / "out", progress=False)
+
+
+def test_unreachable_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(flash_moe.ConversionError, match="no-such-org/no-such-model: cannot download"):
+        flash_moe.convert("no-such-org/no-such-model", tmp_path / "out", progress=False)
+    with pytest.raises(flash_moe.ConversionError, match="no such directory"):
+        flash_moe.convert(tmp_path / "missing" / "dir", tmp_path / "out", progress=False)
+
+
+def test_truncated_source_checkpoint(tmp_path, hf_checkpoint):
+    src = tmp_path / "trunc"
+    shutil.copytree(hf_checkpoint, src)
+    f = src / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    with pytest.raises(flash_moe.ConversionError, match=r"model.safetensors: tensor .* truncated"):
+        flash_moe.convert(src, tmp_path / "out", progress=False)
+
+
+def test_read_error_names_the_file(packed4, monkeypatch):
+    model, _ = flash_moe.load(packed4)
+
+    def broken(fd, buffers, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("flash_moe.io.reader.os.preadv", broken)
+    with pytest.raises(ModelFormatError, match=r"layer_000\.bin: read error at byte .*Input/output error"):
+        mx.eval(model(mx.array([[1]])))
