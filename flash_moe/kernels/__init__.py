@@ -1,5 +1,123 @@
-"""GPU kernels for the hot loop, with the plain-MLX reference path (placeholder dispatch)."""
+"""Hot-loop operations of the MoE layer, dispatched to the fastest path of the backend.
 
-from .reference import ExpertWeights, Projection, expert_mlp, gated_delta_step, moe_combine
+* Metal GPU (``mx.metal.is_available()`` and the default device is the GPU): custom
+  ``mx.fast.metal_kernel`` kernels;
+* MLX CUDA GPU (``mx.cuda.is_available()`` and the default device is the GPU): the same
+  kernels built with ``mx.fast.cuda_kernel``;
+* otherwise (CPU), or when forced: the plain-MLX reference in ``reference.py``.
 
-__all__ = ["ExpertWeights", "Projection", "expert_mlp", "gated_delta_step", "moe_combine"]
+Both GPU builds come from one algorithm text per kernel (``sources.py``, ``codegen.py``).
+Inputs a kernel does not cover (unquantized experts, unusual shapes or dtypes, large
+token counts) silently take the reference path. Force the reference everywhere with the
+environment variable ``FLASH_MOE_KERNELS=reference`` or ``set_backend("reference")``.
+``FLASH_MOE_PROJECTION=1`` selects the first expert-projection kernels instead of the
+prefetching ones (v2, the default; see ``benchmarks/KERNELS_NOTES.md``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from . import launch, reference
+from .reference import ExpertWeights, Projection
+
+__all__ = [
+    "ExpertWeights",
+    "Projection",
+    "active_backend",
+    "expert_mlp",
+    "expert_mlp_combine",
+    "gated_delta_step",
+    "moe_combine",
+    "set_backend",
+]
+
+_forced: Optional[str] = None  # set by set_backend; None defers to the environment
+
+
+def set_backend(mode: str) -> None:
+    """``"reference"`` forces the plain-MLX path; ``"auto"`` picks by device (the default).
+
+    Overrides the ``FLASH_MOE_KERNELS`` environment variable while set.
+    """
+    global _forced
+    if mode not in ("reference", "auto"):
+        raise ValueError(f"backend mode must be 'reference' or 'auto', not {mode!r}")
+    _forced = mode
+
+
+def _gpu_target() -> Optional[str]:
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return None
+
+
+def active_backend() -> str:
+    """``"metal"``, ``"cuda"`` or ``"reference"``: the path the next call will take."""
+    mode = _forced or ("reference" if os.environ.get("FLASH_MOE_KERNELS", "auto") == "reference" else "auto")
+    if mode == "reference":
+        return "reference"
+    return _gpu_target() or "reference"
+
+
+def expert_mlp(x: mx.array, w: ExpertWeights, inds: mx.array, scores: mx.array) -> mx.array:
+    """Weighted sum of the chosen experts' SwiGLU outputs (see ``reference.expert_mlp``).
+
+    x: [N, H]; inds, scores: [N, k]. Returns [N, H] in x's dtype.
+    """
+    target = active_backend()
+    if target != "reference":
+        y = launch.expert_mlp(target, x, w, inds, scores)
+        if y is not None:
+            return y
+    return reference.expert_mlp(x, w, inds, scores)
+
+
+def moe_combine(expert_out: mx.array, shared_out: mx.array, shared_gate: mx.array, residual: mx.array) -> mx.array:
+    """residual + expert_out + sigmoid(shared_gate) * shared_out (see ``reference.moe_combine``)."""
+    target = active_backend()
+    if target != "reference":
+        out = launch.moe_combine(target, expert_out, shared_out, shared_gate, residual)
+        if out is not None:
+            return out
+    return reference.moe_combine(expert_out, shared_out, shared_gate, residual)
+
+
+def expert_mlp_combine(
+    x: mx.array, w: ExpertWeights, inds: mx.array, scores: mx.array,
+    shared_out: mx.array, shared_gate: mx.array, residual: mx.array,
+) -> mx.array:
+    """``moe_combine(expert_mlp(x, w, inds, scores), shared_out, shared_gate, residual)``.
+
+    On a GPU the combine is fused into the down-projection kernel (one launch fewer).
+    """
+    target = active_backend()
+    if target != "reference":
+        y = launch.expert_mlp(target, x, w, inds, scores, combine=(shared_out, shared_gate, residual))
+        if y is not None:
+            return y
+    return moe_combine(expert_mlp(x, w, inds, scores), shared_out, shared_gate, residual)
+
+
+def gated_delta_step(
+    q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array
+) -> Tuple[mx.array, mx.array]:
+    """One decode step of the gated delta rule (see ``reference.gated_delta_step``).
+
+    q, k: [B, Hk, Dk]; v: [B, Hv, Dv]; g, beta: [B, Hv]; state: [B, Hv, Dv, Dk] float32.
+    Returns (y [B, Hv, Dv] in q's dtype, new state).
+    """
+    target = active_backend()
+    if target != "reference":
+        out = launch.gated_delta_step(target, q, k, v, g, beta, state)
+        if out is not None:
+            return out
+    return reference.gated_delta_step(q, k, v, g, beta, state)

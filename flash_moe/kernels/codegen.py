@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from . import sources
+from . import sources, sources_prefetch
 
 TARGETS = ("metal", "cuda")
 
@@ -76,7 +76,8 @@ class KernelSpec:
     """One kernel: its algorithm text and the names MLX puts in the signature.
 
     ``template`` lists the template parameter names in the order they are passed
-    (ints and dtypes); ``defines`` are ``#define``s placed before the helpers (used for
+    (ints and dtypes). Every input's dtype must be one of them (or fixed): the CUDA
+    backend caches a compiled kernel by its name and template values only. ``defines`` are ``#define``s placed before the helpers (used for
     compile-time variants that change the signature, such as the fused combine).
     """
 
@@ -110,6 +111,10 @@ def render(spec: KernelSpec, target: str) -> Tuple[str, str]:
 
 _PROJ_INPUTS = ("x", "wg", "sg", "bg", "wu", "su", "bu", "inds")
 
+_DOWN_INPUTS = ("h", "wd", "sd", "bd", "inds", "scores")
+_COMBINE_INPUTS = ("shared_out", "shared_gate", "residual")
+
+# Projection kernels, v1 (measured on the H100).
 GATE_UP = KernelSpec(
     name="gate_up",
     inputs=_PROJ_INPUTS,
@@ -119,7 +124,7 @@ GATE_UP = KernelSpec(
 )
 DOWN = KernelSpec(
     name="down",
-    inputs=("h", "wd", "sd", "bd", "inds", "scores"),
+    inputs=_DOWN_INPUTS,
     outputs=("y",),
     body=sources.DOWN,
     template=("BITS", "GS", "D", "O", "K", "R", "W", "ST", "RT", "OutT"),
@@ -127,18 +132,51 @@ DOWN = KernelSpec(
 )
 DOWN_COMBINE = KernelSpec(
     name="down_combine",
+    inputs=_DOWN_INPUTS + _COMBINE_INPUTS,
+    outputs=("y",),
+    body=sources.DOWN,
+    template=("BITS", "GS", "D", "O", "K", "R", "W", "ST", "RT", "OutT", "CT", "GT"),
+    defines=(("FM_COMBINE", "1"),),
+)
+
+# Projection kernels, v2 (prefetching; CPU-validated, not yet measured on a GPU).
+GATE_UP_PF = KernelSpec(
+    name="gate_up_pf",
+    inputs=_PROJ_INPUTS,
+    outputs=("h",),
+    body=sources_prefetch.GATE_UP_PF,
+    template=("BITS", "GS", "D", "I", "K", "R", "W", "G", "XT", "ST"),
+)
+DOWN_PF = KernelSpec(
+    name="down_pf",
+    inputs=_DOWN_INPUTS,
+    outputs=("y",),
+    body=sources_prefetch.DOWN_PF,
+    template=("BITS", "GS", "D", "O", "K", "R", "RPT", "ST", "RT", "OutT"),
+    defines=(("FM_COMBINE", "0"),),
+)
+DOWN_COMBINE_PF = KernelSpec(
+    name="down_combine_pf",
+    inputs=_DOWN_INPUTS + _COMBINE_INPUTS,
+    outputs=("y",),
+    body=sources_prefetch.DOWN_PF,
+    template=("BITS", "GS", "D", "O", "K", "R", "RPT", "ST", "RT", "OutT", "CT", "GT"),
+    defines=(("FM_COMBINE", "1"),),
+)
+COMBINE = KernelSpec(
+    name="down_combine",
     inputs=("h", "wd", "sd", "bd", "inds", "scores", "shared_out", "shared_gate", "residual"),
     outputs=("y",),
     body=sources.DOWN,
-    template=("BITS", "GS", "D", "O", "K", "R", "W", "ST", "RT", "OutT", "CT"),
+    template=("BITS", "GS", "D", "O", "K", "R", "RPT", "ST", "RT", "OutT", "CT", "GT"),
     defines=(("FM_COMBINE", "1"),),
 )
 COMBINE = KernelSpec(
     name="combine",
-    inputs=("expert_out", "shared_out", "shared_gate", "residual"),
+    inputs=("expert_out", "shared_out", "shared_gate", "residual", "params"),
     outputs=("out",),
     body=sources.COMBINE,
-    template=("NE", "HD", "W", "ET", "ST", "GT", "RT", "OutT"),
+    template=("HD", "W", "ET", "ST", "GT", "RT", "OutT"),
 )
 GATED_DELTA = KernelSpec(
     name="gated_delta",
@@ -148,7 +186,8 @@ GATED_DELTA = KernelSpec(
     template=("B", "HK", "HV", "DK", "DV", "R", "W", "QT", "KT", "VT", "GT", "BT", "OutT"),
 )
 
-ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, COMBINE, GATED_DELTA)
+ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, DOWN_PF, DOWN_COMBINE_PF,
+                                     COMBINE, GATED_DELTA)
 
 
 # --------------------------------------------------------------------------------------

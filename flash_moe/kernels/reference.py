@@ -112,3 +112,19 @@ def gated_delta_step(
     state = state + k[..., None, :] * delta[..., None]
     y = (state * q[..., None, :]).sum(axis=-1)
     return y.astype(q.dtype), state
+
+
+def random_gated_delta_inputs(B: int, HK: int, HV: int, DK: int, DV: int, dtype=mx.float32, seed: Optional[int] = None):
+    """Random (q, k, v, g, beta, state) for one decode step, scaled as the model scales them
+    (unit-norm q and k, q times DK**-0.5, decay g in [0.3, 1)); for tests and benchmarks."""
+    if seed is not None:
+        mx.random.seed(seed)
+    q = mx.random.normal((B, HK, DK))
+    k = mx.random.normal((B, HK, DK))
+    q = (q / mx.linalg.norm(q, axis=-1, keepdims=True) * DK ** -0.5).astype(dtype)
+    k = (k / mx.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = mx.random.normal((B, HV, DV)).astype(dtype)
+    g = mx.random.uniform(0.3, 1.0, (B, HV)).astype(dtype)
+    beta = mx.random.uniform(0.0, 1.0, (B, HV)).astype(dtype)
+    state = mx.random.normal((B, HV, DV, DK))
+    return q, k, v, g, beta, state

@@ -1,4 +1,8 @@
-"""The algorithm text of every custom kernel, written once for Metal and CUDA.
+"""The algorithm text of the custom kernels, written once for Metal and CUDA.
+
+Here: the shared helpers, the v1 projection kernels (the default, measured on the H100),
+the weighted combine and the gated delta step; the prefetching v2 projection kernels are in
+``sources_prefetch.py``.
 
 Each text is the *body* of an ``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``; the
 per-target parts (thread indices, SIMD/warp shuffles, threadgroup memory, barriers,
@@ -88,10 +92,19 @@ FM_INLINE int fm_lane_major(int el) {
   const int r = el % (EPL * LPR);
   return (step * EPL + (r % EPL)) * LPR + r / EPL;
 }
+
+// The same with float4 slots, [step][i / 4][lane][4], for 16-byte reads (prefetching kernels).
+template <int EPL, int LPR>
+FM_INLINE int fm_lane_major4(int el) {
+  const int step = el / (EPL * LPR);
+  const int r = el % (EPL * LPR);
+  const int i = r % EPL;
+  return ((step * (EPL / 4) + i / 4) * LPR + r / EPL) * 4 + i % 4;
+}
 """
 
 # Shapes common to the two projection kernels, for an input dimension D (template int).
-_PROJ_CONSTANTS = r"""
+PROJ_CONSTANTS = r"""
   constexpr int PACK = 32 / BITS;                    // elements per uint32 word
   constexpr int EPL = 4 * PACK;                      // elements per lane per 16-byte load
   constexpr int LPR = (D / EPL < 32) ? D / EPL : 32; // lanes per row
@@ -104,16 +117,18 @@ _PROJ_CONSTANTS = r"""
   const int sl = fm_lane % LPR;
 """
 
+# ---- Projection kernels (v1, measured on the H100): one (token, expert) row block per
+# threadgroup for gate/up; warps split the experts of a row block for down.
+
 # gate/up projection fused with SwiGLU, one (token, expert) pair per threadgroup row block.
 GATE_UP = r"""
   // fm_gate_up: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair].
   // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (row slots per
   // warp), W (warps per threadgroup). Output h: [N*K, I] float32, lane-major and
   // pre-scaled for the down kernel (which reads it with the same BITS).
-""" + _PROJ_CONSTANTS + r"""
+""" + PROJ_CONSTANTS + r"""
   constexpr int ROWS_TG = W * R * SUB;
   constexpr int RB = I / ROWS_TG;
-  constexpr int EPL_H = EPL;
   constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
 
   const int pair = fm_tg / RB;
@@ -133,11 +148,11 @@ GATE_UP = r"""
     xs[t] = v * fm_pos_scale<BITS>(i);
   }
   for (int c = fm_tid; c < D / EPL; c += W * 32) {
-    float s = 0.0f;
+    float sum = 0.0f;
     for (int i = 0; i < EPL; ++i) {
-      s += static_cast<float>(x[n * D + c * EPL + i]);
+      sum += static_cast<float>(x[n * D + c * EPL + i]);
     }
-    xsum[c] = s;  // chunk c is lane c % LPR's chunk of step c / LPR
+    xsum[c] = sum;  // chunk c is lane c % LPR's chunk of step c / LPR
   }
   FM_BARRIER();
 
@@ -185,8 +200,8 @@ GATE_UP = r"""
     if (sl == 0) {
       const int row = ((rb * W + fm_warp) * R + r) * SUB + sub;
       const float hv = gsum * fm_sigmoid(gsum) * usum;
-      const int at = fm_lane_major<EPL_H, LPR_H>(row);
-      h[int64_t(pair) * I + at] = hv * fm_pos_scale<BITS>(row % EPL_H);
+      const int at = fm_lane_major<EPL, LPR_H>(row);
+      h[int64_t(pair) * I + at] = hv * fm_pos_scale<BITS>(row % EPL);
     }
   }
 """
@@ -197,9 +212,10 @@ DOWN = r"""
   // Template ints: BITS, GS, D (= expert dim, the input dim), O (= hidden, rows), K,
   // R (row slots per warp), W (warps per threadgroup; the warps split the K experts and
   // share the rows, then add their partial sums through threadgroup memory).
-""" + _PROJ_CONSTANTS + r"""
+""" + PROJ_CONSTANTS + r"""
   constexpr int ROWS_TG = R * SUB;
   constexpr int RB = O / ROWS_TG;
+  FM_SHARED float part[W * ROWS_TG];  // per-warp partial sums of the rows
   const int n = fm_tg / RB;
   const int rb = fm_tg % RB;
 
@@ -248,7 +264,6 @@ DOWN = r"""
     }
   }
 
-  FM_SHARED float part[W * ROWS_TG];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const float v = fm_lane_sum<LPR>(acc[r]);
@@ -257,12 +272,13 @@ DOWN = r"""
     }
   }
   FM_BARRIER();
-  if (fm_tid < ROWS_TG) {
+  // ROWS_TG can exceed the W*32 threads (short rows, few experts): each thread sums a stride.
+  for (int t_row = fm_tid; t_row < ROWS_TG; t_row += W * 32) {
     float t = 0.0f;
     for (int w = 0; w < W; ++w) {
-      t += part[w * ROWS_TG + fm_tid];
+      t += part[w * ROWS_TG + t_row];
     }
-    const int64_t at = int64_t(n) * O + rb * ROWS_TG + fm_tid;
+    const int64_t at = int64_t(n) * O + rb * ROWS_TG + t_row;
 #if FM_COMBINE
     t = static_cast<float>(residual[at]) +
         (t + fm_sigmoid(static_cast<float>(shared_gate[n])) * static_cast<float>(shared_out[at]));
@@ -274,9 +290,10 @@ DOWN = r"""
 # residual + expert_out + sigmoid(shared_gate) * shared_out, elementwise.
 COMBINE = r"""
   // fm_combine: out = residual + (expert_out + sigmoid(shared_gate[m]) * shared_out).
-  // Template ints: NE (elements), HD (row length), W (warps per threadgroup).
+  // Template ints: HD (row length), W (warps per threadgroup); params[0] = element count
+  // (a run-time value, so prompt chunks of any length share one compiled kernel).
   const int64_t idx = int64_t(fm_tg) * (W * 32) + fm_tid;
-  if (idx < NE) {
+  if (idx < int64_t(params[0])) {
     const float gate = fm_sigmoid(static_cast<float>(shared_gate[idx / HD]));
     const float v = static_cast<float>(residual[idx]) +
         (static_cast<float>(expert_out[idx]) + gate * static_cast<float>(shared_out[idx]));

@@ -1,0 +1,242 @@
+"""Algorithm text of the prefetching projection kernels (v2), for Metal and CUDA.
+
+Same vocabulary and helpers as ``sources.py`` (the v1 kernels). Differences: persistent-style
+threadgroups (gate/up stages x once per threadgroup and walks many rows; down keeps each
+expert's h in registers for every row of its threadgroup), float4 lane-major layouts, and
+register double-buffering so a warp's next rows are in flight while it computes. Checked on the
+CPU simulator and by clang/nvcc; not yet measured on a GPU (benchmarks/KERNELS_NOTES.md).
+"""
+
+from .sources import PROJ_CONSTANTS
+
+# gate/up projection fused with SwiGLU.
+GATE_UP_PF = r"""
+  // fm_gate_up_pf: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair].
+  // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (rows per item and
+  // lane group), W (warps per threadgroup), G (threadgroups per token). The K*I rows of a
+  // token are cut into items of R*SUB rows; threadgroup g of token n takes a contiguous run
+  // of IPT items, its warps take every W-th one. x' is staged once per threadgroup; each warp
+  // loads its next item while it computes the current one.
+  // Output h: [N*K, I] float32, lane-major and pre-scaled for the down kernel (same BITS).
+""" + PROJ_CONSTANTS + r"""
+  constexpr int E4 = EPL / 4;
+  constexpr int NI = K * I / (R * SUB);  // items per token
+  constexpr int IPT = NI / G;            // items per threadgroup
+  constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
+  const int n = fm_tg / G;
+  const int it0 = (fm_tg % G) * IPT;
+
+  FM_SHARED float4 xs[D / 4];  // this token's x', lane-major
+  FM_SHARED float xsum[D / EPL];  // plain sum of every lane chunk of x (for the biases)
+
+  uint4 ng[R][NSTEP];
+  uint4 nu[R][NSTEP];
+  ST nsg[R][NSTEP];
+  ST nbg[R][NSTEP];
+  ST nsu[R][NSTEP];
+  ST nbu[R][NSTEP];
+#define FM_LOAD_ITEM(item)                                                 \
+  for (int r = 0; r < R; ++r) {                                            \
+    const int pr = ((item) * R + r) * SUB + sub;                           \
+    const int64_t wrow = int64_t(inds[n * K + pr / I]) * I + pr % I;       \
+    for (int s = 0; s < NSTEP; ++s) {                                      \
+      const int c = s * STEP + sl * EPL;                                   \
+      const int64_t wo = wrow * WPR + c / PACK;                            \
+      const int64_t so = wrow * GPR + c / GS;                              \
+      ng[r][s] = *((const FM_DEVICE uint4*)(wg + wo));                     \
+      nu[r][s] = *((const FM_DEVICE uint4*)(wu + wo));                     \
+      nsg[r][s] = sg[so];                                                  \
+      nbg[r][s] = bg[so];                                                  \
+      nsu[r][s] = su[so];                                                  \
+      nbu[r][s] = bu[so];                                                  \
+    }                                                                      \
+  }
+
+  int item = fm_warp;  // this warp's next item, counted inside the threadgroup
+  if (item < IPT) {    // the first loads fly while x is staged
+    FM_LOAD_ITEM(it0 + item)
+  }
+  for (int t = fm_tid; t < D / 4; t += W * 32) {
+    const int step = t / (E4 * LPR);
+    const int i = ((t % (E4 * LPR)) / LPR) * 4;
+    const int at = n * D + step * STEP + (t % LPR) * EPL + i;
+    float4 v;
+    v.x = static_cast<float>(x[at]) * fm_pos_scale<BITS>(i);
+    v.y = static_cast<float>(x[at + 1]) * fm_pos_scale<BITS>(i + 1);
+    v.z = static_cast<float>(x[at + 2]) * fm_pos_scale<BITS>(i + 2);
+    v.w = static_cast<float>(x[at + 3]) * fm_pos_scale<BITS>(i + 3);
+    xs[t] = v;
+  }
+  for (int c = fm_tid; c < D / EPL; c += W * 32) {
+    float sum = 0.0f;
+    for (int i = 0; i < EPL; ++i) {
+      sum += static_cast<float>(x[n * D + c * EPL + i]);
+    }
+    xsum[c] = sum;  // chunk c is lane c % LPR's chunk of step c / LPR
+  }
+  FM_BARRIER();
+
+  while (item < IPT) {  // uniform across the warp
+    uint4 cg[R][NSTEP];
+    uint4 cu[R][NSTEP];
+    ST csg[R][NSTEP];
+    ST cbg[R][NSTEP];
+    ST csu[R][NSTEP];
+    ST cbu[R][NSTEP];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int s = 0; s < NSTEP; ++s) {
+        cg[r][s] = ng[r][s];
+        cu[r][s] = nu[r][s];
+        csg[r][s] = nsg[r][s];
+        cbg[r][s] = nbg[r][s];
+        csu[r][s] = nsu[r][s];
+        cbu[r][s] = nbu[r][s];
+      }
+    }
+    const int cur = it0 + item;
+    item += W;
+    if (item < IPT) {
+      FM_LOAD_ITEM(it0 + item)
+    }
+    float ag[R];
+    float au[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      ag[r] = 0.0f;
+      au[r] = 0.0f;
+    }
+#pragma unroll
+    for (int s = 0; s < NSTEP; ++s) {
+      float xv[EPL];
+#pragma unroll
+      for (int i4 = 0; i4 < E4; ++i4) {
+        const float4 v = xs[(s * E4 + i4) * LPR + sl];
+        xv[4 * i4] = v.x;
+        xv[4 * i4 + 1] = v.y;
+        xv[4 * i4 + 2] = v.z;
+        xv[4 * i4 + 3] = v.w;
+      }
+      const float xsm = xsum[s * LPR + sl];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        ag[r] += static_cast<float>(csg[r][s]) * fm_dot_chunk<BITS>(cg[r][s], xv) +
+            static_cast<float>(cbg[r][s]) * xsm;
+        au[r] += static_cast<float>(csu[r][s]) * fm_dot_chunk<BITS>(cu[r][s], xv) +
+            static_cast<float>(cbu[r][s]) * xsm;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float gsum = fm_lane_sum<LPR>(ag[r]);
+      const float usum = fm_lane_sum<LPR>(au[r]);
+      if (sl == 0) {
+        const int pr = (cur * R + r) * SUB + sub;
+        const int row = pr % I;
+        const float hv = gsum * fm_sigmoid(gsum) * usum;
+        h[int64_t(n * K + pr / I) * I + fm_lane_major4<EPL, LPR_H>(row)] =
+            hv * fm_pos_scale<BITS>(row % EPL);
+      }
+    }
+  }
+#undef FM_LOAD_ITEM
+"""
+
+DOWN_PF = r"""
+  // fm_down_pf: y[n] = sum_j scores[n,j] * (Wd_{inds[n,j]} h[n,j])  (+ combine if FM_COMBINE).
+  // Template ints: BITS, GS, D (= expert dim, the input dim), O (= hidden, rows), K (warps:
+  // warp j takes expert j), R (rows per iteration and lane group), RPT (rows per
+  // threadgroup). Each warp keeps its h' in registers for all RPT rows, loads its next rows
+  // while it computes the current ones, and leaves route * dot in threadgroup memory; the
+  // K partial sums of a row are added after one barrier.
+""" + PROJ_CONSTANTS + r"""
+  constexpr int E4 = EPL / 4;
+  constexpr int G = O / RPT;           // threadgroups per token
+  constexpr int NIT = RPT / (R * SUB);
+  FM_SHARED float part[K * RPT];
+  const int n = fm_tg / G;
+  const int row0 = (fm_tg % G) * RPT;
+  const int pair = n * K + fm_warp;
+  const int64_t wbase = int64_t(inds[pair]) * O;
+  const float route = static_cast<float>(scores[pair]);
+
+  uint4 nq[R][NSTEP];
+  ST ns[R][NSTEP];
+  ST nb[R][NSTEP];
+#define FM_LOAD_ROWS(iter)                                                 \
+  for (int r = 0; r < R; ++r) {                                            \
+    const int64_t wrow = wbase + row0 + ((iter) * R + r) * SUB + sub;      \
+    for (int s = 0; s < NSTEP; ++s) {                                      \
+      const int c = s * STEP + sl * EPL;                                   \
+      nq[r][s] = *((const FM_DEVICE uint4*)(wd + wrow * WPR + c / PACK));  \
+      ns[r][s] = sd[wrow * GPR + c / GS];                                  \
+      nb[r][s] = bd[wrow * GPR + c / GS];                                  \
+    }                                                                      \
+  }
+
+  FM_LOAD_ROWS(0)
+  float xv[NSTEP][EPL];  // this warp's h', kept for every row
+  float xsm[NSTEP];
+#pragma unroll
+  for (int s = 0; s < NSTEP; ++s) {
+    xsm[s] = 0.0f;
+#pragma unroll
+    for (int i4 = 0; i4 < E4; ++i4) {
+      const float4 v = ((const FM_DEVICE float4*)(h + int64_t(pair) * D))[(s * E4 + i4) * LPR + sl];
+      xv[s][4 * i4] = v.x;
+      xv[s][4 * i4 + 1] = v.y;
+      xv[s][4 * i4 + 2] = v.z;
+      xv[s][4 * i4 + 3] = v.w;
+    }
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      xsm[s] += xv[s][i] * fm_pos_unscale<BITS>(i);  // exact: powers of two
+    }
+  }
+
+  for (int it = 0; it < NIT; ++it) {
+    uint4 cq[R][NSTEP];
+    ST cs[R][NSTEP];
+    ST cb[R][NSTEP];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int s = 0; s < NSTEP; ++s) {
+        cq[r][s] = nq[r][s];
+        cs[r][s] = ns[r][s];
+        cb[r][s] = nb[r][s];
+      }
+    }
+    if (it + 1 < NIT) {
+      FM_LOAD_ROWS(it + 1)
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float d = 0.0f;
+#pragma unroll
+      for (int s = 0; s < NSTEP; ++s) {
+        d += static_cast<float>(cs[r][s]) * fm_dot_chunk<BITS>(cq[r][s], xv[s]) +
+            static_cast<float>(cb[r][s]) * xsm[s];
+      }
+      d = fm_lane_sum<LPR>(d);
+      if (sl == 0) {
+        part[fm_warp * RPT + (it * R + r) * SUB + sub] = route * d;
+      }
+    }
+  }
+#undef FM_LOAD_ROWS
+  FM_BARRIER();
+  for (int t = fm_tid; t < RPT; t += K * 32) {
+    float v = 0.0f;
+    for (int w = 0; w < K; ++w) {
+      v += part[w * RPT + t];
+    }
+    const int64_t at = int64_t(n) * O + row0 + t;
+#if FM_COMBINE
+    v = static_cast<float>(residual[at]) +
+        (v + fm_sigmoid(static_cast<float>(shared_gate[n])) * static_cast<float>(shared_out[at]));
+#endif
+    y[at] = static_cast<OutT>(v);
+  }
+"""

@@ -1,0 +1,389 @@
+"""Kernels on the CPU: the reference path against independent references, the backend
+switch, the generated Metal/CUDA sources (one text, two targets), a clang compile check of
+every generated Metal function, and the shared kernel text run by a CPU SIMT simulator."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models.gated_delta import gated_delta_ops
+from mlx_lm.models.switch_layers import SwitchGLU
+
+import flash_moe.kernels as K
+from flash_moe.kernels import codegen, launch, reference, sources
+from flash_moe.kernels.reference import ExpertWeights, Projection
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools" / "metal_check"
+sys.path.insert(0, str(TOOLS))
+check = importlib.import_module("check")
+simt = importlib.import_module("simt")
+
+
+def rel(a, b) -> float:
+    a, b = (f64(t) if isinstance(t, mx.array) else np.asarray(t, dtype=np.float64) for t in (a, b))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Independent references: dequantization from the packing definition, SwiGLU in float64
+# ---------------------------------------------------------------------------------------
+
+def np_dequantize(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, gs: int) -> np.ndarray:
+    """Element i of a row sits at bits (i % (32/bits))*bits of word i // (32/bits);
+    value = q * scale + bias with one (scale, bias) per group of gs elements."""
+    per_word = 32 // bits
+    words = wq.astype(np.uint64)
+    shifts = (np.arange(per_word, dtype=np.uint64) * bits)[None, :]
+    q = (words[..., :, None] >> shifts) & np.uint64((1 << bits) - 1)
+    q = q.reshape(*wq.shape[:-1], wq.shape[-1] * per_word).astype(np.float64)
+    s = np.repeat(scales.astype(np.float64), gs, axis=-1)
+    b = np.repeat(biases.astype(np.float64), gs, axis=-1)
+    return q * s + b
+
+
+def make_experts(U: int, H: int, I: int, bits: int, gs: int, sdt=mx.float32, seed: int = 0) -> ExpertWeights:
+    mx.random.seed(seed)
+
+    def proj(rows, cols):
+        w = mx.random.normal((U, rows, cols)) / cols ** 0.5
+        if bits == 16:
+            return Projection(w.astype(sdt))
+        q, s, b = mx.quantize(w, group_size=gs, bits=bits)
+        return Projection(q, s.astype(sdt), b.astype(sdt))
+
+    return ExpertWeights(proj(I, H), proj(I, H), proj(H, I), bits, gs)
+
+
+def np_weights(p: Projection, bits: int, gs: int) -> np.ndarray:
+    if bits == 16:
+        return f64(p.weight)
+    return np_dequantize(np.array(p.weight), f64(p.scales), f64(p.biases), bits, gs)
+
+
+def np_expert_mlp(x, w: ExpertWeights, inds, scores) -> np.ndarray:
+    g, u, d = (np_weights(p, w.bits, w.group_size) for p in (w.gate, w.up, w.down))
+    x, inds, scores = f64(x), np.array(inds), f64(scores)
+    out = np.zeros((x.shape[0], d.shape[1]))
+    for n in range(x.shape[0]):
+        for j, e in enumerate(inds[n]):
+            a, b = g[e] @ x[n], u[e] @ x[n]
+            out[n] += scores[n, j] * (d[e] @ (a / (1 + np.exp(-a)) * b))
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_packing_matches_mlx_dequantize(bits, gs):
+    w = mx.random.normal((3, 16, 256))
+    q, s, b = mx.quantize(w, group_size=gs, bits=bits)
+    ours = np_dequantize(np.array(q), f64(s), f64(b), bits, gs)
+    np.testing.assert_allclose(ours, f64(mx.dequantize(q, s, b, group_size=gs, bits=bits)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("N", [1, 5, 20])  # 20 x 4 >= 64 takes the sorted gather path
+def test_reference_expert_mlp_against_numpy(bits, N):
+    w = make_experts(6, 128, 64, bits, 64)
+    x = mx.random.normal((N, 128))
+    inds = mx.array(np.random.default_rng(N).integers(0, 6, (N, 4)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, 4)), axis=-1)
+    assert rel(reference.expert_mlp(x, w, inds, scores), np_expert_mlp(x, w, inds, scores)) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_reference_expert_mlp_against_mlx_lm_switchglu(bits):
+    H, I, E, k = 128, 64, 8, 3
+    mx.random.seed(3)
+    glu = SwitchGLU(H, I, E)
+    mx.eval(glu.parameters())
+    nn.quantize(glu, group_size=64, bits=bits)
+    x = mx.random.normal((5, H))
+    inds = mx.array(np.random.default_rng(0).integers(0, E, (5, k)).astype(np.uint32))
+    scores = mx.softmax(mx.random.normal((5, k)), axis=-1)
+    expected = (glu(x, inds) * scores[..., None]).sum(axis=-2)
+
+    def proj(layer):
+        return Projection(layer.weight, layer.scales, layer.biases)
+
+    w = ExpertWeights(proj(glu.gate_proj), proj(glu.up_proj), proj(glu.down_proj), bits, 64)
+    assert rel(reference.expert_mlp(x, w, inds, scores), expected) < 1e-5
+
+
+def test_reference_moe_combine_against_numpy():
+    e, s, r = (mx.random.normal((3, 32)) for _ in range(3))
+    gate = mx.random.normal((3, 1))
+    expected = f64(r) + f64(e) + f64(s) / (1 + np.exp(-f64(gate)))
+    assert rel(reference.moe_combine(e, s, gate, r), expected) < 1e-6
+
+
+def _delta_inputs(B, HK, HV, DK, DV, dtype=mx.float32, seed=0):
+    return reference.random_gated_delta_inputs(B, HK, HV, DK, DV, dtype, seed)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4, 16, 16), (2, 4, 4, 32, 8), (1, 2, 8, 64, 32)])
+def test_reference_gated_delta_against_mlx_lm(shape):
+    q, k, v, g, beta, state = _delta_inputs(*shape)
+    y, s = reference.gated_delta_step(q, k, v, g, beta, state)
+    y2, s2 = gated_delta_ops(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], state)
+    assert rel(y, y2[:, 0]) < 1e-6 and rel(s, s2) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------
+
+def test_backend_switch(monkeypatch):
+    assert mx.default_device() == mx.cpu or K.active_backend() in ("metal", "cuda")
+    try:
+        K.set_backend("reference")
+        assert K.active_backend() == "reference"
+        K.set_backend("auto")
+        monkeypatch.setenv("FLASH_MOE_KERNELS", "reference")
+        assert K.active_backend() == "reference"
+        monkeypatch.delenv("FLASH_MOE_KERNELS")
+        with mx.stream(mx.cpu):  # the CPU device never takes a GPU kernel
+            with pytest.raises(ValueError):
+                K.set_backend("fast")
+    finally:
+        K.set_backend("auto")
+    if mx.default_device() == mx.cpu:
+        assert K.active_backend() == "reference"
+
+
+def test_public_api_matches_reference_on_cpu():
+    if K.active_backend() != "reference":
+        pytest.skip("a GPU backend is active")
+    w = make_experts(4, 64, 64, 4, 64)
+    x = mx.random.normal((2, 64))
+    inds = mx.array([[0, 3], [1, 2]], dtype=mx.int32)
+    scores = mx.softmax(mx.random.normal((2, 2)), axis=-1)
+    np.testing.assert_array_equal(np.array(K.expert_mlp(x, w, inds, scores)),
+                                  np.array(reference.expert_mlp(x, w, inds, scores)))
+    sh, gate, res = mx.random.normal((2, 64)), mx.random.normal((2, 1)), mx.random.normal((2, 64))
+    y = reference.expert_mlp(x, w, inds, scores)
+    np.testing.assert_array_equal(np.array(K.expert_mlp_combine(x, w, inds, scores, sh, gate, res)),
+                                  np.array(reference.moe_combine(y, sh, gate, res)))
+    args = _delta_inputs(1, 2, 4, 16, 16)
+    for a, b in zip(K.gated_delta_step(*args), reference.gated_delta_step(*args)):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    assert K.Projection is Projection and K.ExpertWeights is ExpertWeights
+
+
+def test_unsupported_inputs_have_no_plan():
+    A = launch.ArraySpec
+    w16 = make_experts(2, 64, 64, 16, 64)
+    x, inds, scores = A((1, 64), mx.float32), A((1, 2), mx.int32), A((1, 2), mx.float32)
+    assert launch.plan_expert_mlp("cuda", x, w16, inds, scores) is None  # unquantized
+    w4 = make_experts(2, 64, 64, 4, 64)
+    assert launch.plan_expert_mlp("cuda", x, w4, inds, scores) is not None
+    big = A((launch.MAX_TOKENS + 1, 64), mx.float32)
+    many = A((launch.MAX_TOKENS + 1, 2), mx.int32)
+    assert launch.plan_expert_mlp("cuda", big, w4, many, A(many.shape, mx.float32)) is None
+    assert launch.plan_expert_mlp("cuda", A((1, 96), mx.float32), w4, inds, scores) is None  # shape mismatch
+    assert launch.proj_layout(4096, 4) == (32, 32) and launch.proj_layout(1024, 2) == (64, 16)
+    assert launch.proj_layout(96 * 3, 4) is None  # 9 chunks: not a power of two
+    f = mx.float32
+    assert launch.plan_gated_delta_step("cuda", A((1, 2, 12), f), A((1, 2, 12), f), A((1, 4, 8), f),
+                                        A((1, 4), f), A((1, 4), f), A((1, 4, 8, 12), f)) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Generated sources: one algorithm text, two targets
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", codegen.ALL_SPECS, ids=lambda s: s.name)
+def test_both_targets_are_generated_from_one_text(spec):
+    (mh, ms), (ch, cs) = codegen.render(spec, "metal"), codegen.render(spec, "cuda")
+    assert spec.body in ms and spec.body in cs
+    assert sources.HELPERS in mh and sources.HELPERS in ch
+    assert ms.replace(codegen.METAL_BODY_PRELUDE, "") == cs.replace(codegen.CUDA_BODY_PRELUDE, "")
+    assert mh.replace(codegen.METAL_MACROS, "") == ch.replace(codegen.CUDA_MACROS, "")
+    assert "__syncthreads" not in ms and "threadgroup_barrier" not in cs
+    # the Metal wrapper declares built-ins it finds in the body: the prelude must name them
+    for builtin in ("threadgroup_position_in_grid", "thread_index_in_simdgroup"):
+        assert builtin in ms
+    assert spec.kernel_name("metal") != spec.kernel_name("cuda")
+
+
+def test_every_input_dtype_is_a_template_value():
+    """The CUDA backend caches kernels by name + template values only, so an input whose
+    dtype varies must have it among the template values (h and state are always float32,
+    weights uint32, indices and counts int32)."""
+    fixed = {"h": mx.float32, "state": mx.float32}
+    for target in ("metal", "cuda"):
+        for label, plan in check.variants(target):
+            tvals = set(str(v) for v in plan.template.values())
+            for name, a in zip(plan.spec.inputs, plan.inputs):
+                if name in fixed:
+                    assert a.dtype == fixed[name], (label, name)
+                    continue
+                assert a.dtype in (mx.uint32, mx.int32) or str(a.dtype) in tvals, (label, name, a.dtype)
+
+
+def test_metal_translation_unit_follows_mlx_wrapper():
+    A = launch.ArraySpec
+    w = make_experts(4, 64, 64, 4, 64)
+    gu, _ = launch.plan_expert_mlp("metal", A((1, 64), mx.bfloat16), w, A((1, 2), mx.int32), A((1, 2), mx.float32),
+                                   version=2)
+    infos = [codegen.InputInfo(a.dtype, a.size, a.ndim) for a in gu.inputs]
+    src = codegen.metal_translation_unit(gu.spec, infos, gu.out_dtypes, codegen.template_args(gu.spec, gu.template))
+    assert "const device bfloat16_t* x [[buffer(0)]]" in src
+    assert "const constant int32_t* inds [[buffer(7)]]" in src  # fewer than 8 elements
+    assert "device float* h [[buffer(8)]]" in src
+    assert "uint3 threadgroup_position_in_grid [[threadgroup_position_in_grid]]" in src
+    assert "template <int BITS, int GS, int D, int I, int K, int R, int W, int G, typename XT, typename ST>" in src
+
+
+# ---------------------------------------------------------------------------------------
+# Compile checks off the GPU
+# ---------------------------------------------------------------------------------------
+
+needs_clang = pytest.mark.skipif(check.find_clang() is None, reason="clang is not on PATH (CI installs it)")
+
+
+@needs_clang
+def test_generated_metal_compiles_with_clang():
+    results = check.check_metal()
+    assert len(results) >= 20
+    failed = {k: log for k, (rc, log) in results.items() if rc != 0}
+    assert not failed, "\n".join(f"--- {k}\n{v}" for k, v in failed.items())
+
+
+@needs_clang
+@pytest.mark.parametrize("bad_line, reason", [
+    ("  undeclared_function(fm_tid);", "undeclared identifier"),
+    ("  const device float* p = inds;", "address space"),   # a constant buffer as device
+    ("  float z = simd_sum(1.0f) +;", "syntax"),
+])
+def test_metal_check_catches_errors(bad_line, reason, tmp_path):
+    spec = dataclasses.replace(codegen.GATE_UP, body=codegen.GATE_UP.body + bad_line + "\n")
+    A = launch.ArraySpec
+    w = make_experts(4, 64, 64, 4, 64)
+    gu, _ = launch.plan_expert_mlp("metal", A((1, 64), mx.float32), w, A((1, 2), mx.int32), A((1, 2), mx.float32),
+                                   version=1)
+    infos = [codegen.InputInfo(a.dtype, a.size, a.ndim) for a in gu.inputs]
+    src = codegen.metal_translation_unit(spec, infos, gu.out_dtypes, codegen.template_args(spec, gu.template))
+    path = tmp_path / "bad.metal.cpp"
+    path.write_text(src)
+    proc = subprocess.run([check.find_clang(), "-x", "c++", "-std=c++17", "-fsyntax-only",
+                           "-Wno-unknown-attributes", "-I", str(TOOLS), str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0, reason
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.slow
+def test_generated_cuda_compiles_with_nvcc():
+    results = check.check_cuda()
+    failed = {k: log for k, (rc, log) in results.items() if rc != 0}
+    assert not failed, "\n".join(f"--- {k}\n{v}" for k, v in failed.items())
+
+
+# ---------------------------------------------------------------------------------------
+# The shared kernel text, run by the CPU SIMT simulator, against the reference
+# ---------------------------------------------------------------------------------------
+
+needs_cxx = pytest.mark.skipif(simt.find_compiler() is None, reason="no C++20 compiler on PATH")
+
+
+def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1):
+    plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, combine, version=version)
+    assert plans is not None
+    gate_up, down = plans
+    (h,) = simt.simulate(gate_up)
+    assert not bool(mx.isnan(h).any()), "gate_up left elements unwritten"
+    down.inputs[0] = h
+    (y,) = simt.simulate(down)
+    return y
+
+
+@pytest.fixture
+def few_threadgroups(monkeypatch):
+    """Launch shapes where every warp loops over several items (exercises the prefetch)."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_pf", {"R": 2, "W": 2, "tgs": 2})
+    monkeypatch.setitem(launch.TUNING, "down_pf", {"R": 2, "tgs": 2})
+
+
+@needs_cxx
+@pytest.mark.parametrize("bits, H, I, N, K", [(4, 256, 128, 1, 3), (2, 512, 128, 2, 2), (8, 128, 64, 3, 2)])
+def test_simulated_prefetching_kernels_with_looping_warps(bits, H, I, N, K, few_threadgroups):
+    U = 4
+    w = make_experts(U, H, I, bits, 64, mx.bfloat16, seed=bits + 1)
+    x = mx.random.normal((N, H))
+    inds = mx.array(np.random.default_rng(I).integers(0, U, (N, K)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
+    gate_up, down = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=2)
+    assert gate_up.template["K"] * gate_up.template["I"] // gate_up.template["G"] > 4 * gate_up.template["W"]
+    assert down.template["RPT"] > 2 * down.template["R"]
+    y = _sim_expert_mlp(x, w, inds, scores, version=2)
+    assert rel(y, np_expert_mlp(x, w, inds, scores)) < 1e-5
+
+
+@needs_cxx
+@pytest.mark.parametrize("bits, gs, H, I, N, K, xdt, sdt", [
+    (4, 64, 64, 64, 1, 2, mx.float32, mx.float32),       # the tiny model: 2 lanes per row
+    (4, 64, 64, 64, 1, 1, mx.float32, mx.float32),       # k=1: 64 rows summed by 32 threads
+    (2, 64, 64, 64, 3, 2, mx.float32, mx.bfloat16),
+    (8, 32, 128, 64, 2, 3, mx.float16, mx.float16),
+    (4, 128, 1024, 256, 1, 4, mx.float32, mx.bfloat16),  # 32 lanes per row
+    (2, 64, 2048, 128, 2, 2, mx.bfloat16, mx.float32),
+])
+@pytest.mark.parametrize("version", [1, 2])
+def test_simulated_expert_kernels_match_reference(bits, gs, H, I, N, K, xdt, sdt, version):
+    U = 5
+    w = make_experts(U, H, I, bits, gs, sdt, seed=bits)
+    x = mx.random.normal((N, H)).astype(xdt)
+    inds = mx.array(np.random.default_rng(H).integers(0, U, (N, K)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1).astype(xdt)
+    y = _sim_expert_mlp(x, w, inds, scores, version=version)
+    assert y.dtype == xdt and not bool(mx.isnan(y).any())
+    exact = np_expert_mlp(x, w, inds, scores)
+    assert rel(y, exact) < (1e-5 if xdt == mx.float32 else 1e-2)
+
+
+@needs_cxx
+@pytest.mark.parametrize("version", [1, 2])
+def test_simulated_fused_combine_matches_reference(version):
+    w = make_experts(4, 64, 64, 4, 64, seed=7)
+    x = mx.random.normal((2, 64))
+    inds = mx.array([[0, 3], [2, 2]], dtype=mx.int32)
+    scores = mx.softmax(mx.random.normal((2, 2)), axis=-1)
+    sh, gate, res = mx.random.normal((2, 64)), mx.random.normal((2, 1)), mx.random.normal((2, 64))
+    y = _sim_expert_mlp(x, w, inds, scores, combine=(sh, gate, res), version=version)
+    expected = reference.moe_combine(reference.expert_mlp(x, w, inds, scores), sh, gate, res)
+    assert rel(y, expected) < 1e-5
+
+
+@needs_cxx
+@pytest.mark.parametrize("shape, dtype", [((3, 64), mx.float32), ((2, 3, 96), mx.bfloat16)])
+def test_simulated_combine_matches_reference(shape, dtype):
+    e, s, r = (mx.random.normal(shape).astype(dtype) for _ in range(3))
+    gate = mx.random.normal(shape[:-1] + (1,)).astype(dtype)
+    (out,) = simt.simulate(launch.plan_moe_combine("cuda", e, s, gate, r))
+    expected = f64(r) + f64(e) + f64(s) / (1 + np.exp(-f64(gate)))
+    assert out.dtype == dtype and rel(out, expected) < (1e-6 if dtype == mx.float32 else 1e-2)
+
+
+@needs_cxx
+@pytest.mark.parametrize("shape, dtype", [
+    ((1, 2, 4, 16, 16), mx.float32), ((2, 2, 2, 256, 8), mx.float32), ((1, 4, 8, 128, 32), mx.bfloat16),
+])
+def test_simulated_gated_delta_matches_reference(shape, dtype):
+    q, k, v, g, beta, state = _delta_inputs(*shape, dtype=dtype, seed=1)
+    y, s = simt.simulate(launch.plan_gated_delta_step("cuda", q, k, v, g, beta, state))
+    y_ref, s_ref = gated_delta_ops(*(a[:, None].astype(mx.float32) for a in (q, k, v, g, beta)), state)
+    assert not bool(mx.isnan(s).any()) and y.dtype == dtype
+    assert rel(s, s_ref) < 1e-6
+    assert rel(y, y_ref[:, 0]) < (1e-5 if dtype == mx.float32 else 1e-2)

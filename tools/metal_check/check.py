@@ -1,0 +1,191 @@
+"""Compile-check every generated kernel off the GPU.
+
+Metal: each kernel variant is wrapped the way ``mx.fast.metal_kernel`` wraps it (MLX 0.32's
+signature writer, emulated in ``flash_moe.kernels.codegen.metal_translation_unit``) and
+compiled by clang in C++17 mode (``-fsyntax-only``) against ``metal_shim.h``, which declares
+the Metal types, address spaces and built-ins the kernels use.
+
+CUDA: the same variants wrapped the way ``mx.fast.cuda_kernel`` wraps them, compiled by
+nvcc for sm_90 against a stub of MLX's device header (``cuda_stub/``); ``--ptxas`` prints
+registers, spills and shared memory per kernel.
+
+The variants are the launch plans the library makes (``flash_moe.kernels.launch.plan_*``)
+for the real Qwen3.5-397B shapes and the tiny test model's, over bits, dtypes, token and
+expert counts, and small inputs that Metal passes in the ``constant`` address space.
+
+Usage: python tools/metal_check/check.py [--metal] [--cuda] [--ptxas] [--dump DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+import mlx.core as mx  # noqa: E402
+
+from flash_moe.kernels import codegen, launch  # noqa: E402
+from flash_moe.kernels.launch import ArraySpec as A  # noqa: E402
+from flash_moe.kernels.reference import ExpertWeights, Projection  # noqa: E402
+
+
+def _experts(U: int, D: int, I: int, bits: int, gs: int, sdt) -> ExpertWeights:
+    def proj(rows, dim):
+        return Projection(A((U, rows, dim * bits // 32), mx.uint32), A((U, rows, dim // gs), sdt),
+                          A((U, rows, dim // gs), sdt))
+    return ExpertWeights(proj(I, D), proj(I, D), proj(D, I), bits, gs)
+
+
+def variants(target: str) -> List[Tuple[str, launch.Plan]]:
+    """(label, plan) for every kernel variant worth compiling, deduplicated."""
+    out: List[Tuple[str, launch.Plan]] = []
+    f32, bf16, f16 = mx.float32, mx.bfloat16, mx.float16
+    moe_cases = [  # (D, I, U, bits, gs, N, K, x dtype, scale dtype)
+        (4096, 1024, 512, 4, 64, 1, 4, bf16, bf16),
+        (4096, 1024, 10, 4, 64, 1, 10, f32, bf16),
+        (4096, 1024, 40, 4, 64, 4, 10, f16, f16),
+        (4096, 1024, 4, 2, 64, 1, 4, bf16, bf16),
+        (4096, 1024, 80, 2, 64, 8, 10, f32, f32),
+        (4096, 1024, 10, 8, 64, 1, 10, bf16, bf16),
+        (4096, 1024, 10, 4, 128, 2, 10, bf16, bf16),
+        (4096, 1024, 10, 4, 32, 1, 10, bf16, bf16),
+        (64, 64, 8, 4, 64, 1, 2, f32, f32),      # the tiny test model
+        (64, 64, 8, 2, 64, 3, 2, f32, bf16),
+        (128, 64, 8, 8, 32, 2, 2, f16, f16),
+    ]
+    for D, I, U, bits, gs, N, K, xdt, sdt in moe_cases:
+        w = _experts(U, D, I, bits, gs, sdt)
+        x, inds, scores = A((N, D), xdt), A((N, K), mx.int32), A((N, K), xdt)
+        tag = f"D{D}_I{I}_b{bits}_g{gs}_N{N}_K{K}_{xdt}_{sdt}".replace("mlx.core.", "")
+        for version in (1, 2):
+            v = f"v{version}_"
+            plans = launch.plan_expert_mlp(target, x, w, inds, scores, version=version)
+            assert plans is not None, f"no plan for {v}{tag}"
+            out += [(v + "gate_up_" + tag, plans[0]), (v + "down_" + tag, plans[1])]
+            comb = (A((N, D), bf16), A((N, 1), bf16), A((N, D), bf16))
+            plans = launch.plan_expert_mlp(target, x, w, inds, scores, combine=comb, version=version)
+            assert plans is not None, f"no fused plan for {v}{tag}"
+            out.append((v + "down_combine_" + tag, plans[1]))
+    for shape, dts in (((1, 4096), (bf16,) * 4), ((3, 64), (f32, f32, bf16, f32)), ((2, 5, 4096), (f16,) * 4)):
+        gate = A(shape[:-1] + (1,), dts[2])
+        plan = launch.plan_moe_combine(target, A(shape, dts[0]), A(shape, dts[1]), gate, A(shape, dts[3]))
+        assert plan is not None
+        out.append((f"combine_{'x'.join(map(str, shape))}", plan))
+    for B, HK, HV, DK, DV, dt in ((1, 16, 64, 128, 128, bf16), (2, 16, 32, 128, 128, f32),
+                                  (1, 2, 4, 16, 16, f32), (1, 4, 4, 256, 64, f16)):
+        plan = launch.plan_gated_delta_step(
+            target, A((B, HK, DK), dt), A((B, HK, DK), dt), A((B, HV, DV), dt), A((B, HV), dt),
+            A((B, HV), dt), A((B, HV, DV, DK), mx.float32))
+        assert plan is not None
+        out.append((f"gated_delta_B{B}_HK{HK}_HV{HV}_DK{DK}_DV{DV}", plan))
+    return out
+
+
+def _infos(plan: launch.Plan) -> List[codegen.InputInfo]:
+    return [codegen.InputInfo(a.dtype, a.size, a.ndim) for a in plan.inputs]
+
+
+def translation_units(target: str) -> Dict[str, str]:
+    """label -> complete source, as MLX would compile it, for every variant."""
+    units: Dict[str, str] = {}
+    seen = set()
+    for label, plan in variants(target):
+        targs = codegen.template_args(plan.spec, plan.template)
+        if target == "metal":
+            src = codegen.metal_translation_unit(plan.spec, _infos(plan), plan.out_dtypes, targs)
+        else:
+            src = codegen.cuda_translation_unit(plan.spec, _infos(plan), plan.out_dtypes, targs)
+        if src not in seen:
+            seen.add(src)
+            units[label] = src
+    return units
+
+
+def _compile(cmd: List[str], src: str, suffix: str) -> Tuple[int, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ("unit" + suffix)
+        path.write_text(src)
+        proc = subprocess.run(cmd + [str(path)], capture_output=True, text=True, cwd=tmp)
+        return proc.returncode, proc.stdout + proc.stderr
+
+
+def find_clang() -> Optional[str]:
+    for name in ("clang++", "clang"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def check_metal(clang: Optional[str] = None) -> Dict[str, Tuple[int, str]]:
+    """label -> (return code, compiler output) for every Metal variant."""
+    clang = clang or find_clang()
+    if clang is None:
+        raise FileNotFoundError("clang is not on PATH")
+    cmd = [clang, "-x", "c++", "-std=c++17", "-fsyntax-only", "-Wno-unknown-attributes",
+           "-I", str(HERE)]
+    units = translation_units("metal")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = pool.map(lambda s: _compile(cmd, s, ".metal.cpp"), units.values())
+        return dict(zip(units.keys(), results))
+
+
+def check_cuda(nvcc: Optional[str] = None, ptxas_info: bool = False) -> Dict[str, Tuple[int, str]]:
+    """label -> (return code, compiler output) for every CUDA variant (sm_90 cubin)."""
+    nvcc = nvcc or shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc is not on PATH")
+    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", "/dev/null",
+           "-I", str(HERE / "cuda_stub")]
+    if ptxas_info:
+        cmd += ["-Xptxas", "-v"]
+    units = translation_units("cuda")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = pool.map(lambda s: _compile(cmd, s, ".cu"), units.values())
+        return dict(zip(units.keys(), results))
+
+
+def _report(name: str, results: Dict[str, Tuple[int, str]], verbose: bool) -> bool:
+    bad = {k: v for k, v in results.items() if v[0] != 0}
+    print(f"{name}: {len(results) - len(bad)}/{len(results)} variants compile")
+    for label, (_, log) in bad.items():
+        print(f"--- {label} ---\n{log}")
+    if verbose:
+        for label, (_, log) in results.items():
+            lines = [ln for ln in log.splitlines() if "registers" in ln or "spill" in ln]
+            print(f"{label}: " + " | ".join(ln.split("info    :")[-1].strip() for ln in lines))
+    return not bad
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--metal", action="store_true", help="check Metal with clang")
+    ap.add_argument("--cuda", action="store_true", help="check CUDA with nvcc")
+    ap.add_argument("--ptxas", action="store_true", help="print registers/spills of each CUDA kernel")
+    ap.add_argument("--dump", type=Path, help="write every generated translation unit here")
+    args = ap.parse_args(argv)
+    if not (args.metal or args.cuda):
+        args.metal = args.cuda = True
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        for target, ext in (("metal", ".metal"), ("cuda", ".cu")):
+            for label, src in translation_units(target).items():
+                (args.dump / (label + ext)).write_text(src)
+    ok = True
+    if args.metal:
+        ok &= _report("metal (clang)", check_metal(), False)
+    if args.cuda:
+        ok &= _report("cuda (nvcc)", check_cuda(ptxas_info=args.ptxas), args.ptxas)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

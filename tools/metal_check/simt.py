@@ -1,0 +1,248 @@
+"""Run the generated kernels on the CPU: a small SIMT simulator for the shared kernel text.
+
+A third target for the same algorithm text (``flash_moe.kernels.sources``): the ``FM_*``
+macros map to C++20 on the host. One threadgroup runs at a time on ``group_size`` host
+threads; threadgroup memory is a function-local ``static`` (shared by those threads),
+``FM_BARRIER`` is a ``std::barrier`` over the threadgroup, and ``FM_SHFL_XOR`` exchanges
+through a per-warp buffer between two barriers of the warp's 32 threads. This proves
+indexing, layouts, reductions and dequantization of the very text the GPUs compile,
+without a GPU; it says nothing about speed.
+
+``simulate(plan)`` runs a ``flash_moe.kernels.launch.Plan`` whose inputs are MLX arrays
+and returns its outputs as MLX arrays (poisoned with NaN before the run).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from flash_moe.kernels import sources
+from flash_moe.kernels.launch import Plan
+
+PRELUDE = r"""
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+struct uint4 { uint32_t x, y, z, w; };
+struct float4 { float x, y, z, w; };
+
+namespace fmsim {
+struct bf16 {  // bfloat16 with round-to-nearest-even from float
+  uint16_t bits;
+  bf16() = default;
+  bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  operator float() const {
+    uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+struct f16 {  // IEEE half with round-to-nearest-even from float (no compiler support needed)
+  uint16_t bits;
+  f16() = default;
+  f16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, fexp = (u >> 23) & 0xFFu, mant = u & 0x7FFFFFu;
+    const int e = int(fexp) - 127 + 15;
+    uint32_t h;
+    if (fexp == 0xFFu) {
+      h = 0x7C00u | (mant ? 0x200u : 0u);
+    } else if (e >= 31) {
+      h = 0x7C00u;
+    } else if (e <= 0) {
+      if (e < -10) {
+        h = 0;
+      } else {
+        const uint32_t m = mant | 0x800000u;
+        const int shift = 14 - e;
+        h = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (h & 1u))) h++;
+      }
+    } else {
+      h = (uint32_t(e) << 10) | (mant >> 13);
+      const uint32_t rem = mant & 0x1FFFu;
+      if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    }
+    bits = uint16_t(sign | h);
+  }
+  operator float() const {
+    const uint32_t sign = uint32_t(bits & 0x8000u) << 16, e = (bits >> 10) & 0x1Fu, m = bits & 0x3FFu;
+    uint32_t u;
+    if (e == 0) {
+      const float v = std::ldexp(float(m), -24);
+      return sign ? -v : v;
+    } else if (e == 31) {
+      u = sign | 0x7F800000u | (m << 13);
+    } else {
+      u = sign | ((e - 15 + 127) << 23) | (m << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+inline float as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+thread_local int tg = 0, tid = 0;
+thread_local std::barrier<>* tg_barrier = nullptr;
+thread_local std::barrier<>* warp_barrier = nullptr;
+thread_local float* shfl_buf = nullptr;
+inline float shfl_xor(float v, int m) {
+  const int lane = tid & 31;
+  shfl_buf[lane] = v;
+  warp_barrier->arrive_and_wait();
+  const float r = shfl_buf[lane ^ m];
+  warp_barrier->arrive_and_wait();
+  return r;
+}
+}  // namespace fmsim
+
+#define FM_INLINE inline
+#define FM_DEVICE
+#define FM_THREAD
+#define FM_SHARED static
+#define FM_BARRIER() fmsim::tg_barrier->arrive_and_wait()
+#define FM_SHFL_XOR(v, m) fmsim::shfl_xor((v), (m))
+#define FM_AS_FLOAT(u) fmsim::as_float(u)
+#define FM_EXP(v) std::exp(v)
+"""
+
+BODY_PRELUDE = r"""
+  const int fm_tg = fmsim::tg;
+  const int fm_tid = fmsim::tid;
+  const int fm_lane = fm_tid & 31;
+  const int fm_warp = fm_tid >> 5;
+"""
+
+LAUNCHER = r"""
+extern "C" int fm_launch(void** args, int n_groups, int group_size) {
+  std::barrier<> tg_barrier(group_size);
+  std::vector<std::barrier<>*> warp_barriers;
+  std::vector<float> shfl(group_size);
+  for (int w = 0; w < group_size / 32; ++w) warp_barriers.push_back(new std::barrier<>(32));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < group_size; ++t) {
+    threads.emplace_back([&, t] {
+      fmsim::tid = t;
+      fmsim::tg_barrier = &tg_barrier;
+      fmsim::warp_barrier = warp_barriers[t / 32];
+      fmsim::shfl_buf = shfl.data() + (t / 32) * 32;
+      for (int g = 0; g < n_groups; ++g) {
+        fmsim::tg = g;
+        fm_kernel(ARGS);
+        tg_barrier.arrive_and_wait();  // threadgroup memory is reused by the next group
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (auto* b : warp_barriers) delete b;
+  return 0;
+}
+"""
+
+_CTYPE = {mx.float32: "float", mx.bfloat16: "fmsim::bf16", mx.float16: "fmsim::f16",
+          mx.uint32: "uint32_t", mx.int32: "int32_t"}
+_NP_STORAGE = {mx.float32: np.float32, mx.bfloat16: np.uint16, mx.float16: np.float16,
+               mx.uint32: np.uint32, mx.int32: np.int32}
+_POISON_BITS = {mx.float32: np.float32(np.nan), mx.bfloat16: np.uint16(0x7FC0),
+                mx.float16: np.float16(np.nan)}
+
+
+def translation_unit(plan: Plan) -> str:
+    spec = plan.spec
+    defs = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
+    params = [f"const {_CTYPE[a.dtype]}* {n}" for n, a in zip(spec.inputs, plan.inputs)]
+    params += [f"{_CTYPE[d]}* {n}" for n, d in zip(spec.outputs, plan.out_dtypes)]
+    consts = []
+    for name in spec.template:
+        v = plan.template[name]
+        if isinstance(v, bool):
+            consts.append(f"  constexpr bool {name} = {'true' if v else 'false'};")
+        elif isinstance(v, int):
+            consts.append(f"  constexpr int {name} = {v};")
+        else:
+            consts.append(f"  using {name} = {_CTYPE[v]};")
+    n_in = len(spec.inputs)
+    args = [f"({_CTYPE[a.dtype]} const*)args[{i}]" for i, a in enumerate(plan.inputs)]
+    args += [f"({_CTYPE[d]}*)args[{n_in + i}]" for i, d in enumerate(plan.out_dtypes)]
+    return (PRELUDE + defs + sources.HELPERS
+            + "static void fm_kernel(" + ", ".join(params) + ") {\n" + "\n".join(consts) + "\n"
+            + BODY_PRELUDE + spec.body + "\n}\n"
+            + LAUNCHER.replace("ARGS", ", ".join(args)))
+
+
+_BUILD_DIR = Path(tempfile.gettempdir()) / "flash_moe_simt"
+_LIBS: Dict[str, ctypes.CDLL] = {}
+
+
+def find_compiler() -> Optional[str]:
+    return shutil.which("clang++") or shutil.which("g++")
+
+
+def _library(src: str) -> ctypes.CDLL:
+    key = hashlib.sha1(src.encode()).hexdigest()[:16]
+    if key in _LIBS:
+        return _LIBS[key]
+    _BUILD_DIR.mkdir(exist_ok=True)
+    so = _BUILD_DIR / f"k_{key}.so"
+    if not so.exists():
+        cpp = _BUILD_DIR / f"k_{key}.cpp"
+        cpp.write_text(src)
+        cxx = find_compiler()
+        if cxx is None:
+            raise FileNotFoundError("no C++ compiler (clang++ or g++) on PATH")
+        tmp = so.with_suffix(".tmp.so")
+        proc = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+                               "-Wl,--no-undefined", "-o", str(tmp), str(cpp)], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"simulator build failed:\n{proc.stderr[-4000:]}")
+        tmp.rename(so)
+    lib = ctypes.CDLL(str(so))
+    lib.fm_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+    _LIBS[key] = lib
+    return lib
+
+
+def _to_numpy(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.array(a))
+
+
+def simulate(plan: Plan) -> List[mx.array]:
+    """Run ``plan`` on the CPU simulator; inputs must be MLX arrays."""
+    lib = _library(translation_unit(plan))
+    ins = [_to_numpy(a) for a in plan.inputs]
+    outs = []
+    for shape, dt in zip(plan.out_shapes, plan.out_dtypes):
+        outs.append(np.full(shape, _POISON_BITS[dt], dtype=_NP_STORAGE[dt]))
+    ptrs = (ctypes.c_void_p * (len(ins) + len(outs)))(*[a.ctypes.data for a in ins + outs])
+    lib.fm_launch(ptrs, plan.n_groups, plan.group_size)
+    result = []
+    for arr, dt in zip(outs, plan.out_dtypes):
+        m = mx.array(arr)
+        result.append(m.view(mx.bfloat16) if dt == mx.bfloat16 else m)
+    return result
