@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from collections import OrderedDict
+from typing import Dict, List
 
 import mlx.core as mx
 import numpy as np
@@ -14,17 +15,50 @@ from .kernels.reference import ExpertWeights
 
 
 class DiskExperts:
-    """Reads exactly the experts asked for, every time (the OS page cache or the reader's
-    RAM cache may serve them)."""
+    """Reads exactly the experts asked for, every time, unless the expert cache holds them.
+
+    The cache (``cache_bytes`` > 0) keeps records as MLX arrays on the compute device, least
+    recently used out first: on a discrete GPU a hit skips both the disk and the host-to-device
+    copy (the OS page cache can only save the first); on the CPU or a Mac's unified memory it
+    is an in-RAM cache that skips the read.
+    """
 
     indexes_all = False
 
-    def __init__(self, reader: ExpertReader):
+    def __init__(self, reader: ExpertReader, cache_bytes: int = 0):
         self.reader = reader
         self.layout: ExpertLayout = reader.manifest.layout
+        self.cache_bytes = cache_bytes
+        self._cache: "OrderedDict[tuple, mx.array]" = OrderedDict()
 
     def fetch(self, layer: int, experts: np.ndarray) -> ExpertWeights:
-        return records_to_weights(self.reader.read(layer, experts), self.layout)
+        if self.cache_bytes < self.layout.record_size:
+            return records_to_weights(self.reader.read(layer, experts), self.layout)
+        keys = [(layer, int(e)) for e in experts]
+        rows: List = [self._cache.get(k) for k in keys]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if missing:
+            fresh = mx.array(self.reader.read(layer, [keys[i][1] for i in missing]))  # one host->device copy
+            for j, i in enumerate(missing):
+                rows[i] = fresh[j]
+                self._remember(keys[i], fresh[j])
+        for i, k in enumerate(keys):
+            if rows[i] is not None and k in self._cache:
+                self._cache.move_to_end(k)
+        hits = len(keys) - len(missing)
+        self.reader.stats.cache_hits += hits
+        return records_to_weights(mx.stack(rows), self.layout)
+
+    def _remember(self, key: tuple, record: mx.array) -> None:
+        # A cached row is a view of the batch it was read with; that batch's buffer is freed
+        # once all its rows are evicted.
+        while self._cache and (len(self._cache) + 1) * self.layout.record_size > self.cache_bytes:
+            self._cache.popitem(last=False)
+        self._cache[key] = record
+
+    def prefetch(self, layer: int, experts: np.ndarray) -> None:
+        """Start reading records that will probably be fetched soon (see ``ExpertReader.prefetch``)."""
+        self.reader.prefetch(layer, [e for e in experts if (layer, int(e)) not in self._cache])
 
 
 class ResidentExperts:

@@ -44,7 +44,7 @@ def _quantize_resident(model: nn.Module, weights: dict, quantization: dict) -> N
 
 def load(path: str | os.PathLike, experts_per_token: Optional[int] = None, *, threads: int = 8,
          cache_bytes: int = 0, check: str = "first", direct: bool = False, resident_experts: bool = False,
-         tokenizer_config: Optional[dict] = None) -> Tuple[nn.Module, "TokenizerWrapper"]:
+         max_read_bytes: int = 256 << 20, tokenizer_config: Optional[dict] = None) -> Tuple[nn.Module, "TokenizerWrapper"]:
     """Load a packed model whose experts stream from disk.
 
     Args:
@@ -53,10 +53,14 @@ def load(path: str | os.PathLike, experts_per_token: Optional[int] = None, *, th
             ``num_experts_per_tok`` (fewer bytes read per token; can be raised back later with
             ``model.set_experts_per_token``).
         threads: parallel reads in flight.
-        cache_bytes: bytes of an in-RAM LRU cache of expert records (0: rely on the page cache).
+        cache_bytes: bytes of an LRU cache of expert records kept as MLX arrays on the compute
+            device (GPU memory on CUDA, RAM on CPU and Apple silicon); 0 relies on the page cache.
         check: verify each record's CRC-32 "first" time it is read (default), "always", or "never".
         direct: bypass the OS page cache (O_DIRECT / F_NOCACHE).
         resident_experts: read every expert into memory at load instead of streaming.
+        max_read_bytes: most expert bytes a layer reads at once. A prompt that needs more
+            experts of a layer computes them in groups of this size, each still read once,
+            so prompt memory stays bounded (decode reads k records, far less).
     Returns ``(model, tokenizer)``; the tokenizer is mlx-lm's ``TokenizerWrapper``.
     """
     from mlx_lm.utils import load_tokenizer
@@ -83,9 +87,11 @@ def load(path: str | os.PathLike, experts_per_token: Optional[int] = None, *, th
                                "Re-run `flash-moe convert` with this version of flash-moe.") from exc
     mx.eval(model.parameters())
 
-    reader = ExpertReader(model_dir, manifest, threads=threads, check=check, cache_bytes=cache_bytes, direct=direct)
+    reader = ExpertReader(model_dir, manifest, threads=threads, check=check, direct=direct)
     model.expert_reader = reader
-    model.attach_experts(ResidentExperts(reader) if resident_experts else DiskExperts(reader))
+    model.attach_experts(ResidentExperts(reader) if resident_experts else DiskExperts(reader, cache_bytes))
+    for block in model.moe_blocks():
+        block.max_fetch = max(1, max_read_bytes // manifest.layout.record_size) if max_read_bytes else 0
     if experts_per_token is not None:
         model.set_experts_per_token(experts_per_token)
 

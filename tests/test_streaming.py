@@ -70,6 +70,24 @@ def test_prompt_reads_each_distinct_expert_once_per_layer(packed4):
     assert stats.reads == sum(len(e) for _, e in calls) and stats.reads <= 4 * 8
 
 
+def test_prompt_reads_in_bounded_groups(packed16):
+    """A byte budget below the prompt's needs: experts come in groups, each still read once
+    per layer, and the result equals the one-batch computation."""
+    record = load_manifest(packed16).layout.record_size
+    prompt = mx.array([list(range(3, 60))])
+    whole, _ = flash_moe.load(packed16)
+    expected = whole(prompt)
+    model, _ = flash_moe.load(packed16, max_read_bytes=3 * record)  # k=2: groups of 3
+    calls = spy_reads(model)
+    got = model(prompt)
+    assert max(len(e) for _, e in calls) == 3 and len(calls) > 4  # several groups per layer
+    for layer in range(4):
+        experts = [e for l, group in calls if l == layer for e in group]
+        assert len(experts) == len(set(experts)) == whole.expert_reader.stats.per_layer[layer][0]
+    assert model.expert_reader.stats.reads == whole.expert_reader.stats.reads
+    assert mx.abs(got - expected).max().item() < 1e-5
+
+
 def test_ram_cache_serves_repeated_experts(packed4):
     model, _ = flash_moe.load(packed4, cache_bytes=64 << 20)
     mx.eval(model(mx.array([list(range(3, 60))])))

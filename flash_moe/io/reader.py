@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 import zlib
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ class IOStats:
 
     reads: int = 0  # records read from the files
     bytes: int = 0  # bytes read from the files
-    cache_hits: int = 0  # records served by the in-RAM expert cache
+    cache_hits: int = 0  # records served by the expert cache (no read)
     seconds: float = 0.0  # wall time spent waiting for reads
     per_layer: Dict[int, list] = field(default_factory=dict)  # layer -> [reads, bytes, seconds]
 
@@ -59,12 +57,11 @@ class ExpertReader:
         threads: reads in flight at once; each record is one ``pread``.
         check: "first" verifies a record's CRC-32 the first time this process reads it,
             "always" on every read, "never" trusts the files.
-        cache_bytes: size of an in-RAM LRU cache of records (0: trust the OS page cache).
         direct: open the files with O_DIRECT (Linux) / F_NOCACHE (macOS) to bypass the page cache.
     """
 
     def __init__(self, model_dir: str | os.PathLike, manifest: Manifest, *, threads: int = 8,
-                 check: str = "first", cache_bytes: int = 0, direct: bool = False):
+                 check: str = "first", direct: bool = False):
         if check not in ("first", "always", "never"):
             raise ValueError(f"check must be 'first', 'always' or 'never', not {check!r}")
         self.model_dir = Path(model_dir)
@@ -80,10 +77,7 @@ class ExpertReader:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flash-moe-io") if threads > 1 else None
         self._buffers = [aligned_buffer(0), aligned_buffer(0)]  # ring of two: one in use, one being filled
         self._next = 0
-        self._cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
-        self.cache_bytes = cache_bytes
-        self._cached_bytes = 0
-        self._lock = threading.Lock()
+        self.prefetched = 0  # records handed to prefetch() (kernel readahead), not counted in stats
 
     def _open(self, path: Path) -> int:
         flags = os.O_RDONLY
@@ -145,44 +139,41 @@ class ExpertReader:
         experts = [int(e) for e in experts]
         out = self._buffer(len(experts))
         t0 = time.perf_counter()
-        misses = []
-        for i, e in enumerate(experts):
-            hit = self._cache.get((layer, e)) if self.cache_bytes else None
-            if hit is not None:
-                self._cache.move_to_end((layer, e))
-                out[i] = hit
-            else:
-                misses.append(i)
-        if self._pool is None or len(misses) <= 1:
-            for i in misses:
-                self._read_one(layer, experts[i], out[i])
+        if self._pool is None or len(experts) <= 1:
+            for i, e in enumerate(experts):
+                self._read_one(layer, e, out[i])
         else:
-            for f in [self._pool.submit(self._read_one, layer, experts[i], out[i]) for i in misses]:
+            for f in [self._pool.submit(self._read_one, layer, e, out[i]) for i, e in enumerate(experts)]:
                 f.result()
         seconds = time.perf_counter() - t0
-        if self.cache_bytes:
-            for i in misses:
-                self._remember((layer, experts[i]), out[i])
-        nbytes = len(misses) * self.record_size
+        nbytes = len(experts) * self.record_size
         s = self.stats
-        s.reads += len(misses)
+        s.reads += len(experts)
         s.bytes += nbytes
-        s.cache_hits += len(experts) - len(misses)
         s.seconds += seconds
         layer_stats = s.per_layer.setdefault(layer, [0, 0, 0.0])
-        layer_stats[0] += len(misses)
+        layer_stats[0] += len(experts)
         layer_stats[1] += nbytes
         layer_stats[2] += seconds
         return out
 
-    def _remember(self, key: tuple, record: np.ndarray) -> None:
-        if self.record_size > self.cache_bytes:
-            return
-        while self._cached_bytes + self.record_size > self.cache_bytes:
-            self._cache.popitem(last=False)
-            self._cached_bytes -= self.record_size
-        self._cache[key] = record.copy()
-        self._cached_bytes += self.record_size
+    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
+        """Ask the kernel to start reading these records into the page cache, without waiting.
+
+        ``posix_fadvise(WILLNEED)`` queues the reads and returns: the disk works while the caller
+        computes, and the later ``read`` of a record that arrived is a page-cache copy. No-op with
+        direct reads, or where the call does not exist. Returns
+        the number of records asked for.
+        """
+        if self.direct or not hasattr(os, "posix_fadvise"):
+            return 0
+        fd, size, n = self._fds[layer], self.record_size, 0
+        for e in experts:
+            e = int(e)
+            os.posix_fadvise(fd, e * size, size, os.POSIX_FADV_WILLNEED)
+            n += 1
+        self.prefetched += n
+        return n
 
     # -- whole-file checks -----------------------------------------------------------------
     def verify(self, progress: bool = True) -> list:

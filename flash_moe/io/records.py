@@ -36,20 +36,27 @@ def pack_record(tensors: Dict[str, mx.array], layout: ExpertLayout) -> bytes:
     return bytes(buf)
 
 
-def _field(records: np.ndarray, slot) -> mx.array:
+_MX_DTYPES = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def _field(records: mx.array, slot) -> mx.array:
+    """One tensor of every record, cut out of the records already in MLX (a copy inside MLX:
+    on a GPU it runs on the device, after a single contiguous host-to-device transfer)."""
     n = records.shape[0]
-    raw = records[:, slot.offset: slot.offset + slot.nbytes]
-    arr = mx.array(raw.view(DTYPES[slot.dtype]).reshape(n, *slot.shape))  # the one copy into MLX
-    return arr.view(mx.bfloat16) if slot.dtype == "bfloat16" else arr
+    raw = mx.contiguous(records[:, slot.offset: slot.offset + slot.nbytes])
+    return raw.view(_MX_DTYPES[slot.dtype]).reshape(n, *slot.shape)
 
 
-def records_to_weights(records: np.ndarray, layout: ExpertLayout) -> ExpertWeights:
+def records_to_weights(records: "np.ndarray | mx.array", layout: ExpertLayout) -> ExpertWeights:
     """Turn ``records`` ([n, record_size] uint8, as read from disk) into stacked MLX weights.
 
-    Each tensor is copied once, from the read buffer into an MLX array; the buffer can be
-    reused as soon as this returns.
+    The whole buffer is copied once into MLX with one contiguous copy (copying strided numpy
+    slices field by field measured 2x slower on the CPU and far slower to a GPU); the tensors
+    are then sliced out in MLX. The buffer can be reused as soon as this returns.
     """
     names = {s.name: s for s in layout.tensors}
+    if not isinstance(records, mx.array):
+        records = mx.array(np.ascontiguousarray(records))
     projections = []
     for p in PROJECTIONS:
         weight = _field(records, names[f"{p}.weight"])

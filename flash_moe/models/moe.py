@@ -60,6 +60,15 @@ class StreamingMoE(nn.Module):
             if shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
         self._source: Optional[ExpertSource] = None  # set by the loader; not a parameter
+        # Most records fetched at once (set by the loader from its byte budget): a long prompt
+        # that needs more experts of a layer is computed in groups of experts, so that memory
+        # holds one group's records, not every expert of the layer. 0: no limit.
+        self.max_fetch = 0
+        # Next-layer prefetch (off by default): this layer's MoE input through the next layer's
+        # router predicts the next layer's experts; their reads start while this layer computes.
+        self._next: Optional["StreamingMoE"] = None
+        self._predicted: Optional[np.ndarray] = None
+        self.prediction_counts = [0, 0]  # [predicted experts that were needed, experts needed]
 
     def route(self, x: mx.array):
         """Top-k expert indices and their (renormalised) softmax weights."""
@@ -86,14 +95,29 @@ class StreamingMoE(nn.Module):
         # The one host sync of the layer: which experts to read.
         if self._source is None:
             raise RuntimeError("no expert source attached: load models with flash_moe.load()")
+        nxt = self._next
+        if nxt is not None:  # the guess rides on the same sync (softmax keeps the order: skip it)
+            guess = mx.argpartition(nxt.gate(x2), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k:]
+            mx.eval(inds, guess)
         host_inds = np.array(inds)
         needed, local = np.unique(host_inds, return_inverse=True)
-        weights = self._source.fetch(self.layer, needed)
-        if self._source.indexes_all:  # resident: index the full stack directly
-            local = inds
+        if self._predicted is not None:
+            self.prediction_counts[0] += int(np.isin(needed, self._predicted).sum())
+            self.prediction_counts[1] += len(needed)
+            self._predicted = None
+        group = max(self.max_fetch, self.top_k)  # a decode step's k records always go together
+        if self._source.indexes_all or not self.max_fetch or len(needed) <= group:
+            weights = self._source.fetch(self.layer, needed)
+            if nxt is not None and hasattr(self._source, "prefetch"):  # after our reads: they come first
+                nxt._predicted = np.unique(np.array(guess))
+                self._source.prefetch(nxt.layer, nxt._predicted)
+            if self._source.indexes_all:  # resident: index the full stack directly
+                local = inds
+            else:
+                local = mx.array(local.reshape(host_inds.shape).astype(np.int32))
+            y = kernels.expert_mlp(x2, weights, local, scores)
         else:
-            local = mx.array(local.reshape(host_inds.shape).astype(np.int32))
-        y = kernels.expert_mlp(x2, weights, local, scores)
+            y = self._grouped_experts(x2, scores, needed, local.reshape(host_inds.shape), group)
 
         res = mx.zeros_like(y) if residual is None else residual.reshape(y.shape)
         if shared is None:
@@ -103,6 +127,21 @@ class StreamingMoE(nn.Module):
         else:
             out = kernels.moe_combine(y, shared, shared_gate, res)
         return out.reshape(shape)
+
+    def _grouped_experts(self, x2: mx.array, scores: mx.array, needed: np.ndarray, local: np.ndarray,
+                         size: int) -> mx.array:
+        """The routed experts' sum, reading ``size`` experts at a time (still each once)."""
+        y = mx.zeros(x2.shape, dtype=x2.dtype)
+        for start in range(0, len(needed), size):
+            group = needed[start:start + size]
+            tok, slot = np.nonzero((local >= start) & (local < start + len(group)))  # the (token, j) pairs it serves
+            weights = self._source.fetch(self.layer, group)
+            tok_mx = mx.array(tok.astype(np.int32))
+            part = kernels.expert_mlp(x2[tok_mx], weights, mx.array((local[tok, slot] - start)[:, None].astype(np.int32)),
+                                      scores[tok_mx, mx.array(slot.astype(np.int32))][:, None])
+            y = y.at[tok_mx].add(part)
+            mx.eval(y)  # this group's records can be freed before the next group is read
+        return y
 
 
 class StreamingModel:
@@ -124,6 +163,20 @@ class StreamingModel:
             raise ValueError(f"experts_per_token must be in 1..{blocks[0].num_experts}, got {k}")
         for block in blocks:
             block.top_k = int(k)
+
+    def set_prefetch(self, on: bool = True) -> None:
+        """Predict each MoE layer's experts from the previous one and start their reads early."""
+        blocks = self.moe_blocks()
+        for block, nxt in zip(blocks, blocks[1:] + [None]):
+            block._next = nxt if on else None
+            block._predicted = None
+            block.prediction_counts = [0, 0]
+
+    def prefetch_accuracy(self) -> float:
+        """Fraction of the experts the layers needed that the previous layer had predicted."""
+        hit = sum(b.prediction_counts[0] for b in self.moe_blocks())
+        total = sum(b.prediction_counts[1] for b in self.moe_blocks())
+        return hit / total if total else 0.0
 
     def attach_experts(self, source: ExpertSource) -> None:
         for block in self.moe_blocks():
