@@ -6,9 +6,9 @@ from types import ModuleType
 from typing import Any, Dict
 
 from ..errors import UnsupportedModelError
-from . import qwen3_5_moe
+from . import qwen3_5_moe, qwen3_moe
 
-ARCHITECTURES: Dict[str, ModuleType] = {"qwen3_5_moe": qwen3_5_moe}
+ARCHITECTURES: Dict[str, ModuleType] = {"qwen3_5_moe": qwen3_5_moe, "qwen3_moe": qwen3_moe}
 
 
 def architecture(config: Dict[str, Any], where: str = "config.json") -> ModuleType:
