@@ -142,16 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every expert record's checksum")
     v.add_argument("model")
     v.set_defaults(func=_verify)
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except FlashMoeError as exc:
         print(f"flash-moe: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

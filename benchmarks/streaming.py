@@ -1,0 +1,300 @@
+"""The streaming benchmark (issue 3): one command, one table, ratios measured side by side.
+
+    python -m benchmarks.streaming [--workdir DIR] [--quick]      (also: flash-moe bench)
+
+Builds (once, cached in the work dir) a random Qwen3.5-MoE with realistic 4-bit expert records,
+then measures: the raw disk ceiling, cold / warm / RAM-cached decode against the same model
+resident in mlx-lm, decode under a memory cgroup at 1/3 of the model, and prefill reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List
+
+import mlx.core as mx
+
+from . import measure as M
+from .memcap import child_argv, run_capped
+from .synthetic import Shape, ensure_models
+
+THREADS = (1, 2, 4, 8, 16)
+
+
+def machine() -> str:
+    dev = mx.default_device()
+    name = ""
+    try:
+        name = mx.device_info().get("device_name", "") if dev.type == mx.gpu else ""
+    except Exception:
+        pass
+    cpu = platform.processor() or platform.machine()
+    return (f"{platform.node()} | {os.cpu_count()} cpus {cpu} | "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB | "
+            f"mlx {mx.__version__} {dev}{' ' + name if name else ''}")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """This process's peak RSS since exec (VmHWM; ``ru_maxrss`` would include the forked parent's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def expert_files(packed: Path) -> List[Path]:
+    return sorted((packed / "experts").glob("*.bin"))
+
+
+class Table:
+    """Rows of (section, figure, value, runs, target, verdict), printed as one table."""
+
+    def __init__(self):
+        self.rows: List[tuple] = []
+
+    def add(self, section: str, figure: str, value: str, runs: str = "", target: str = "", ok=None) -> None:
+        verdict = "" if ok is None else ("MET" if ok else "MISSED")
+        self.rows.append((section, figure, value, runs, target, verdict))
+        print(f"  [{section}] {figure}: {value} {target} {verdict}", file=sys.stderr, flush=True)
+
+    def render(self) -> str:
+        head = ("section", "figure", "value", "runs", "target", "")
+        w = [max(len(str(r[i])) for r in self.rows + [head]) for i in range(6)]
+        line = lambda r: " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip()
+        return "\n".join([line(head), "-+-".join("-" * x for x in w)] + [line(r) for r in self.rows])
+
+
+def overmem_child(args) -> None:
+    """Runs inside the memory cgroup: load, drop the page cache, decode, print one JSON line."""
+    import flash_moe
+
+    # MLX keeps freed buffers for reuse; under a cap that cache must be bounded like any other.
+    mx.set_cache_limit(args.cache_bytes // 2)
+    base = rss()
+    model, _ = flash_moe.load(args.packed, threads=args.threads, cache_bytes=args.cache_bytes,
+                              max_read_bytes=args.cache_bytes, check="never")
+    if args.prefetch:
+        model.set_prefetch(True)
+    loaded = rss()
+    reader = model.expert_reader
+    files = expert_files(Path(args.packed))
+    r = M.decode(model, model.make_cache, M.prompt_ids(8), args.tokens, reader, before=lambda: M.drop_page_cache(files))
+    r.update(rss_import=base, rss_loaded=loaded, peak_rss=peak_rss())
+    print(json.dumps(r))
+
+
+def run(args) -> str:
+    import flash_moe
+    from flash_moe.io.format import load_manifest
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    cpu = mx.default_device().type == mx.cpu
+    shape = Shape(hidden=args.hidden, intermediate=args.intermediate, experts=args.experts, layers=args.layers,
+                  top_k=args.top_k, dtype=args.dtype or ("float32" if cpu else "bfloat16"))
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    t_start = time.perf_counter()
+    paths = ensure_models(shape, Path(args.workdir), log)
+    packed = paths["packed"]
+    files = expert_files(packed)
+    t = Table()
+    manifest = load_manifest(packed)
+    rec = manifest.layout.record_size
+    expert_bytes = sum(f.stat().st_size for f in files)
+    resident_bytes = sum((packed / n).stat().st_size for n in manifest.resident_files)
+    runs, n_tok = args.runs, args.tokens
+    t.add("model", "shape", f"{shape.key}: record {rec / 1e6:.2f} MB, experts {expert_bytes / 1e9:.2f} GB "
+          f"({len(files)} layers x {shape.experts}), resident {resident_bytes / 1e6:.0f} MB, k={shape.top_k}")
+    drop = lambda: M.drop_page_cache(files)
+
+    # 1. raw disk ceiling
+    import numpy as np
+    rng = np.random.default_rng(0)
+    all_recs = [(f, e) for f in range(len(files)) for e in range(shape.experts)]
+    n_recs = min(len(all_recs), max(32, int(args.raw_bytes // rec)))
+    sample = [all_recs[i] for i in rng.choice(len(all_recs), n_recs, replace=False)]
+    raw = {}
+    for th in THREADS:
+        raw[th] = sorted(M.raw_read_gbps(files, rec, sample, th) for _ in range(runs))[runs // 2]
+    t.add("raw disk", "pread GB/s, page cache dropped (1/2/4/8/16 threads)",
+          " / ".join(f"{raw[th]:.2f}" for th in THREADS), f"{runs} x {n_recs} records")
+    bw = raw[min(THREADS, key=lambda th: abs(th - args.threads))]
+
+    # 2. resident mlx-lm: the ceiling
+    ref, _ = load_model(paths["mlx_lm"])
+    prompt = M.prompt_ids(8)
+    M.decode(ref, lambda: make_prompt_cache(ref), prompt, 2)  # warm-up (kernel setup)
+    res = M.median_runs(lambda: M.decode(ref, lambda: make_prompt_cache(ref), prompt, n_tok), runs)
+    t.add("resident", "mlx-lm resident tok/s (ms/token)", f"{res['tok_s']:.2f} ({res['s_tok'] * 1e3:.1f})",
+          f"{runs} x {n_tok} tok")
+
+    # 3. flash-moe streaming: warm (page cache), RAM cache, cold
+    def flash(**kw):
+        model, _ = flash_moe.load(packed, threads=args.threads, **kw)
+        reader = model.expert_reader
+        for layer in manifest.moe_layers:  # first reads check every CRC once, outside the timings
+            for e0 in range(0, shape.experts, 64):
+                reader.read(layer, range(e0, min(e0 + 64, shape.experts)))
+        return model, reader
+
+    def decode_row(label, model, reader, before=None):
+        M.decode(model, model.make_cache, prompt, 2, reader)
+        r = M.median_runs(lambda: M.decode(model, model.make_cache, prompt, n_tok, reader, before), runs)
+        return r
+
+    model, reader = flash()
+    M.warm_page_cache(files)
+    warm = decode_row("warm", model, reader)
+    ratio = warm["tok_s"] / res["tok_s"]
+    t.add("warm", "page cache: tok/s, vs resident", f"{warm['tok_s']:.2f}, {ratio:.2f}x "
+          f"(io {warm['io_s_tok'] * 1e3:.1f} ms + compute {warm['compute_s_tok'] * 1e3:.1f} ms /tok)",
+          f"{runs} x {n_tok} tok", ">= 0.80x", ratio >= 0.8)
+
+    cold = decode_row("cold", model, reader, before=drop)
+    io_bound = bw / cold["bytes_tok"] * 1e9
+    serial = cold["bytes_tok"] / (bw * 1e9) + res["s_tok"]
+    t.add("cold", "tok/s; MB/token; I/O ms; compute ms",
+          f"{cold['tok_s']:.2f}; {cold['bytes_tok'] / 1e6:.1f}; {cold['io_s_tok'] * 1e3:.1f}; "
+          f"{cold['compute_s_tok'] * 1e3:.1f}", f"{runs} x {n_tok} tok, cache dropped per run")
+    t.add("cold", "tok/s / I/O bound (raw BW / bytes per token)", f"{cold['tok_s'] / io_bound:.2f} "
+          f"(bound {io_bound:.2f} tok/s at {bw:.2f} GB/s, {args.threads} threads)")
+    t.add("cold", "time/token / serial bound (bytes/BW + resident compute)",
+          f"{cold['s_tok'] / serial:.2f}x ({cold['s_tok'] * 1e3:.1f} vs {serial * 1e3:.1f} ms)", "",
+          "<= 1.15x; < 1 beats it", cold["s_tok"] / serial <= 1.15)
+
+    if args.prefetch_compare:
+        model.set_prefetch(True)
+        pw = decode_row("warm+prefetch", model, reader)
+        pc = decode_row("cold+prefetch", model, reader, before=drop)
+        acc = model.prefetch_accuracy()
+        t.add("prefetch", "next-layer prediction: recall of true experts", f"{acc:.0%}")
+        t.add("prefetch", "cold: time/token / serial bound", f"{pc['s_tok'] / serial:.2f}x "
+              f"({pc['tok_s']:.2f} tok/s, {pc['bytes_tok'] / 1e6:.1f} MB/tok requested; prefetch is extra)", "",
+              "< 1 beats it", pc["s_tok"] / serial < 1)
+        t.add("prefetch", "warm: tok/s vs resident", f"{pw['tok_s'] / res['tok_s']:.2f}x")
+        model.set_prefetch(False)
+    del model, reader
+
+    cmodel, creader = flash(cache_bytes=expert_bytes + rec)
+    cached = decode_row("cached", cmodel, creader)
+    ratio = cached["tok_s"] / res["tok_s"]
+    t.add("expert cache", "LRU of MLX arrays on the device holding the working set: tok/s, vs resident, hit rate",
+          f"{cached['tok_s']:.2f}, {ratio:.2f}x, {cached['hit_rate']:.0%}", f"{runs} x {n_tok} tok",
+          ">= 0.95x", ratio >= 0.95)
+    del cmodel, creader
+
+    # Where the rest of the gap is: the same flash-moe model with every expert resident in MLX.
+    rmodel, _ = flash_moe.load(packed, threads=args.threads, resident_experts=True)
+    rres = decode_row("flash resident", rmodel, None)
+    t.add("profile", "flash-moe model, experts resident (no I/O): tok/s, vs mlx-lm",
+          f"{rres['tok_s']:.2f}, {rres['tok_s'] / res['tok_s']:.2f}x; streaming warm / this: "
+          f"{warm['tok_s'] / rres['tok_s']:.2f}x", f"{runs} x {n_tok} tok")
+    del rmodel
+
+    dmodel, dreader = flash(direct=True)
+    direct = decode_row("direct", dmodel, dreader)
+    t.add("O_DIRECT", "direct reads (no page cache): tok/s, I/O ms/tok",
+          f"{direct['tok_s']:.2f}, {direct['io_s_tok'] * 1e3:.1f}", f"{runs} x {n_tok} tok")
+    del dmodel, dreader
+
+    # 4. over memory: the same decode inside a cgroup at 1/3 of the model
+    total = expert_bytes + resident_bytes
+    om = {"returncode": "skipped (--no-overmem)"}
+    cap = total // 3
+    budget = min(64 << 20, cap // 8)
+    argv = child_argv("--overmem-child", "--packed", str(packed), "--tokens", str(n_tok), "--threads",
+                      str(args.threads), "--cache-bytes", str(budget))
+    try:
+        if not args.no_overmem:
+            om = run_capped(cap, argv)
+    except OSError as exc:
+        om = {"returncode": None, "stderr": str(exc)}
+    if om.get("returncode") == 0:
+        # The child's largest read is one group of its 8-token prompt (max_read_bytes = budget):
+        # held in the reader's two ring buffers, the MLX copy and the sliced tensors.
+        buffers = 4 * max(shape.top_k, min(8 * shape.top_k, shape.experts, budget // rec)) * rec
+        budget = budget + budget // 2  # the RAM cache and the MLX buffer cache the child allows
+        bound = om["rss_loaded"] + buffers + budget
+        t.add("over memory", f"cap {cap / 1e6:.0f} MB ({om['cgroup']}, page cache incl.), model {total / 1e9:.2f} GB "
+              f"= {total / cap:.1f}x cap", f"completed, {om['tok_s']:.2f} tok/s, hit rate {om['hit_rate']:.0%}, "
+              f"cgroup peak {om['cgroup_peak'] / 1e6:.0f} MB, OOM kills {om['oom_kills']}", f"1 x {n_tok} tok",
+              "completes", om["oom_kills"] == 0)
+        t.add("over memory", "peak RSS vs resident+buffers+budget",
+              f"{om['peak_rss'] / 1e6:.0f} MB vs {bound / 1e6:.0f} MB (after load {om['rss_loaded'] / 1e6:.0f}, "
+              f"buffers {buffers / 1e6:.0f}, RAM + MLX cache budget {budget / 1e6:.0f})", "", "<=", om["peak_rss"] <= bound)
+    else:
+        peak = om.get("cgroup_peak")
+        t.add("over memory", f"cap {cap / 1e6:.0f} MB", f"FAILED rc={om.get('returncode')}, OOM kills "
+              f"{om.get('oom_kills')}, cgroup peak {peak / 1e6 if peak else float('nan'):.0f} MB: "
+              f"{om.get('stderr', '')[-300:]!r}", "", "completes", False)
+
+    # 5. prefill: one chunk, cold
+    pmodel, preader = flash()
+    for n in args.prefill:
+        pruns = max(1, runs if n <= 256 else runs // 2)
+        r = M.median_runs(lambda: M.prefill(pmodel, pmodel.make_cache, n, preader, before=drop), pruns)
+        rr = (M.median_runs(lambda: M.prefill(ref, lambda: make_prompt_cache(ref), n), pruns) if n <= 256
+              else {"tok_s": float("nan")})  # the resident 1024-token prefill costs minutes on the CPU
+        t.add("prefill", f"{n} tokens cold: tok/s (resident), MB read, max reads of an expert per layer",
+              f"{r['tok_s']:.1f} ({rr['tok_s']:.1f}), {r['bytes'] / 1e6:.0f} MB = {r['bytes'] / expert_bytes:.0%} "
+              f"of experts, {int(r['max_reads'])} (read calls per layer: {int(r['calls_per_layer'])})",
+              f"{pruns} x", "1 read per expert per layer", r["max_reads"] == 1)
+    t.add("run", "machine", machine())
+    t.add("run", "wall time", f"{time.perf_counter() - t_start:.0f} s, medians of {runs} runs unless stated")
+    return t.render()
+
+
+def parser(p: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=os.environ.get("FLASH_MOE_BENCH_DIR", "/tmp/flash-moe-bench"),
+                   help="where the synthetic models are built and cached")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--tokens", type=int, default=12, help="decode tokens per run")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--prefill", type=int, nargs="*", default=[128, 1024])
+    p.add_argument("--raw-bytes", type=float, default=512e6, help="bytes per raw-disk measurement")
+    p.add_argument("--prefetch-compare", action="store_true", help="also measure next-layer prefetch")
+    p.add_argument("--no-overmem", action="store_true", help="skip the memory-capped run")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    # internal: the over-memory child
+    p.add_argument("--overmem-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--packed", help=argparse.SUPPRESS)
+    p.add_argument("--cache-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--prefetch", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(args=None) -> int:
+    args = args if isinstance(args, argparse.Namespace) else parser().parse_args(args)
+    if args.overmem_child:
+        overmem_child(args)
+        return 0
+    table = run(args)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
