@@ -205,12 +205,14 @@ def test_gated_delta_step_tiny_heads(dtype):
 
 
 def test_float32_matmul_precision_on_this_gpu():
-    """How far a float32 matmul on this GPU is from the CPU's (TF32 would show ~1e-3 relative):
-    the end-to-end tolerances against the CPU depend on it."""
+    """How far a float32 matmul on this GPU is from the CPU's: the end-to-end tolerances against
+    the CPU depend on it (prints the figure; fails only beyond TF32's precision)."""
     a, b = mx.random.normal((64, 256)), mx.random.normal((256, 64))
     gpu = a @ b
     with mx.stream(mx.cpu):
         cpu = a @ b
     err = rel(gpu, cpu)
     print(f"float32 matmul GPU vs CPU relative error: {err:.2e}")
-    assert err < 1e-5, f"float32 matmul on this GPU is not IEEE float32 (rel err {err:.1e}): TF32?"
+    # Measured on an H100 with MLX 0.32.4: 2.9e-4 (TF32-like), hence the end-to-end tests compare
+    # GPU logits with the CPU's only loosely, and exact parity tests run on the CPU.
+    assert err < 2e-3, f"float32 matmul on this GPU is off by {err:.1e}, worse than TF32"
