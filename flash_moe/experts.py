@@ -39,9 +39,12 @@ class DiskExperts:
         missing = [i for i, row in enumerate(rows) if row is None]
         if missing:
             fresh = mx.array(self.reader.read(layer, [keys[i][1] for i in missing]))  # one host->device copy
+            copies = []
             for j, i in enumerate(missing):
                 rows[i] = fresh[j]
-                self._remember(keys[i], fresh[j])
+                copies.append(fresh[j] * 1)
+                self._remember(keys[i], copies[-1])
+            mx.async_eval(copies)  # evaluated now, so nothing lazy keeps the batch alive
         for i, k in enumerate(keys):
             if rows[i] is not None and k in self._cache:
                 self._cache.move_to_end(k)
@@ -50,8 +53,8 @@ class DiskExperts:
         return records_to_weights(mx.stack(rows), self.layout)
 
     def _remember(self, key: tuple, record: mx.array) -> None:
-        # A cached row is a view of the batch it was read with; that batch's buffer is freed
-        # once all its rows are evicted.
+        # ``record`` must own its buffer (the caller passes a copy): a row view would keep the
+        # whole read batch alive, and the cache would hold far more than ``cache_bytes``.
         while self._cache and (len(self._cache) + 1) * self.layout.record_size > self.cache_bytes:
             self._cache.popitem(last=False)
         self._cache[key] = record
