@@ -45,11 +45,10 @@ class DiskExperts:
                 copies.append(fresh[j] * 1)
                 self._remember(keys[i], copies[-1])
             mx.async_eval(copies)  # evaluated now, so nothing lazy keeps the batch alive
-        for i, k in enumerate(keys):
-            if rows[i] is not None and k in self._cache:
+        for k in keys:  # mark as recently used (a fresh key may already have been evicted)
+            if k in self._cache:
                 self._cache.move_to_end(k)
-        hits = len(keys) - len(missing)
-        self.reader.stats.cache_hits += hits
+        self.reader.stats.cache_hits += len(keys) - len(missing)
         return records_to_weights(mx.stack(rows), self.layout)
 
     def _remember(self, key: tuple, record: mx.array) -> None:

@@ -8,13 +8,19 @@ import mlx.core as mx
 import numpy as np
 
 from ..kernels.reference import ExpertWeights, Projection
-from .format import DTYPES, ExpertLayout
+from .format import ExpertLayout
 
 PROJECTIONS = ("gate", "up", "down")
 
 
+MX_DTYPES = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in MX_DTYPES.items()}
+
+
 def mx_dtype_name(a: mx.array) -> str:
-    return {mx.uint32: "uint32", mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[a.dtype]
+    return _DTYPE_NAMES[a.dtype]
 
 
 def to_numpy_bits(a: mx.array) -> np.ndarray:
@@ -36,15 +42,12 @@ def pack_record(tensors: Dict[str, mx.array], layout: ExpertLayout) -> bytes:
     return bytes(buf)
 
 
-_MX_DTYPES = {"uint32": mx.uint32, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
 def _field(records: mx.array, slot) -> mx.array:
     """One tensor of every record, cut out of the records already in MLX (a copy inside MLX:
     on a GPU it runs on the device, after a single contiguous host-to-device transfer)."""
     n = records.shape[0]
     raw = mx.contiguous(records[:, slot.offset: slot.offset + slot.nbytes])
-    return raw.view(_MX_DTYPES[slot.dtype]).reshape(n, *slot.shape)
+    return raw.view(MX_DTYPES[slot.dtype]).reshape(n, *slot.shape)
 
 
 def records_to_weights(records: "np.ndarray | mx.array", layout: ExpertLayout) -> ExpertWeights:

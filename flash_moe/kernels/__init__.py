@@ -68,27 +68,26 @@ def active_backend() -> str:
     return _gpu_target() or "reference"
 
 
+def _on_gpu(launch_fn, *args, **kwargs):
+    """The custom kernel's result, or None where the reference path must run (CPU, forced
+    reference, or inputs the kernel does not cover)."""
+    target = active_backend()
+    return None if target == "reference" else launch_fn(target, *args, **kwargs)
+
+
 def expert_mlp(x: mx.array, w: ExpertWeights, inds: mx.array, scores: mx.array) -> mx.array:
     """Weighted sum of the chosen experts' SwiGLU outputs (see ``reference.expert_mlp``).
 
     x: [N, H]; inds, scores: [N, k]. Returns [N, H] in x's dtype.
     """
-    target = active_backend()
-    if target != "reference":
-        y = launch.expert_mlp(target, x, w, inds, scores)
-        if y is not None:
-            return y
-    return reference.expert_mlp(x, w, inds, scores)
+    y = _on_gpu(launch.expert_mlp, x, w, inds, scores)
+    return reference.expert_mlp(x, w, inds, scores) if y is None else y
 
 
 def moe_combine(expert_out: mx.array, shared_out: mx.array, shared_gate: mx.array, residual: mx.array) -> mx.array:
     """residual + expert_out + sigmoid(shared_gate) * shared_out (see ``reference.moe_combine``)."""
-    target = active_backend()
-    if target != "reference":
-        out = launch.moe_combine(target, expert_out, shared_out, shared_gate, residual)
-        if out is not None:
-            return out
-    return reference.moe_combine(expert_out, shared_out, shared_gate, residual)
+    out = _on_gpu(launch.moe_combine, expert_out, shared_out, shared_gate, residual)
+    return reference.moe_combine(expert_out, shared_out, shared_gate, residual) if out is None else out
 
 
 def expert_mlp_combine(
@@ -99,12 +98,8 @@ def expert_mlp_combine(
 
     On a GPU the combine is fused into the down-projection kernel (one launch fewer).
     """
-    target = active_backend()
-    if target != "reference":
-        y = launch.expert_mlp(target, x, w, inds, scores, combine=(shared_out, shared_gate, residual))
-        if y is not None:
-            return y
-    return moe_combine(expert_mlp(x, w, inds, scores), shared_out, shared_gate, residual)
+    y = _on_gpu(launch.expert_mlp, x, w, inds, scores, combine=(shared_out, shared_gate, residual))
+    return moe_combine(expert_mlp(x, w, inds, scores), shared_out, shared_gate, residual) if y is None else y
 
 
 def gated_delta_step(
@@ -115,9 +110,5 @@ def gated_delta_step(
     q, k: [B, Hk, Dk]; v: [B, Hv, Dv]; g, beta: [B, Hv]; state: [B, Hv, Dv, Dk] float32.
     Returns (y [B, Hv, Dv] in q's dtype, new state).
     """
-    target = active_backend()
-    if target != "reference":
-        out = launch.gated_delta_step(target, q, k, v, g, beta, state)
-        if out is not None:
-            return out
-    return reference.gated_delta_step(q, k, v, g, beta, state)
+    out = _on_gpu(launch.gated_delta_step, q, k, v, g, beta, state)
+    return reference.gated_delta_step(q, k, v, g, beta, state) if out is None else out
