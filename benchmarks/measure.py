@@ -32,6 +32,23 @@ def warm_page_cache(paths: Sequence[Path]) -> None:
                 pass
 
 
+def host_to_device_gbps(nbytes: int, runs: int = 5) -> float:
+    """GB/s of moving ``nbytes`` written by the CPU into an MLX array to where the device reads
+    them, as every streamed record travels (CPU write, then a device reduction over it). On a
+    discrete GPU with MLX CUDA's managed memory this is page migration; on the CPU, a memcpy."""
+    host = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dest = mx.zeros((nbytes,), dtype=mx.uint8)
+    mx.eval(dest)
+    view = np.array(dest, copy=False)
+    times = []
+    for _ in range(runs + 1):
+        t0 = time.perf_counter()
+        view[:] = host
+        mx.eval(dest.view(mx.uint32).sum())
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
 def raw_read_gbps(paths: Sequence[Path], record_size: int, records: Sequence[tuple], threads: int) -> float:
     """GB/s of parallel ``os.preadv`` of ``records`` ((file index, record index)) after dropping the
     page cache: the ceiling any reader of these files can reach."""
@@ -111,9 +128,9 @@ class ReadLog:
         self._orig = reader.read
 
     def __enter__(self) -> "ReadLog":
-        def read(layer, experts):
+        def read(layer, experts, *args, **kwargs):
             self.calls.append((layer, [int(e) for e in experts]))
-            return self._orig(layer, experts)
+            return self._orig(layer, experts, *args, **kwargs)
         self.reader.read = read
         return self
 

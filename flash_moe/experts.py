@@ -3,64 +3,79 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List
+from typing import List, Optional, Tuple
 
-import mlx.core as mx
 import numpy as np
 
 from .io.format import ExpertLayout
 from .io.reader import ExpertReader
-from .io.records import records_to_weights
+from .io.records import RecordArrays
 from .kernels.reference import ExpertWeights
 
 
 class DiskExperts:
     """Reads exactly the experts asked for, every time, unless the expert cache holds them.
 
-    The cache (``cache_bytes`` > 0) keeps records as MLX arrays on the compute device, least
-    recently used out first: on a discrete GPU a hit skips both the disk and the host-to-device
-    copy (the OS page cache can only save the first); on the CPU or a Mac's unified memory it
-    is an in-RAM cache that skips the read.
+    Records are read straight into the MLX arrays the kernels use (``RecordArrays``). The
+    cache (``cache_bytes`` > 0) is a fixed set of slots in such arrays, least recently used
+    out first: a hit costs nothing (no read, no copy: the kernels index the slot), and on a
+    discrete GPU the slot stays in device memory, which the OS page cache cannot offer. On
+    the CPU or a Mac's unified memory it is an in-RAM cache that skips the read.
     """
-
-    indexes_all = False
 
     def __init__(self, reader: ExpertReader, cache_bytes: int = 0):
         self.reader = reader
         self.layout: ExpertLayout = reader.manifest.layout
-        self.cache_bytes = cache_bytes
-        self._cache: "OrderedDict[tuple, mx.array]" = OrderedDict()
+        self.slots = cache_bytes // self.layout.record_size
+        # Two sets of read destinations used in turn (a layer's records stay intact while the
+        # next layer's are read); grown to the largest request.
+        self._ring: List[Optional[RecordArrays]] = [None, None]
+        self._turn = 0
+        self._cache = RecordArrays(self.layout, self.slots) if self.slots else None
+        self._slot_of: "OrderedDict[tuple, int]" = OrderedDict()  # (layer, expert) -> slot, LRU first
+        self._free = list(range(self.slots))
 
-    def fetch(self, layer: int, experts: np.ndarray) -> ExpertWeights:
-        if self.cache_bytes < self.layout.record_size:
-            return records_to_weights(self.reader.read(layer, experts), self.layout)
+    def fetch(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, np.ndarray]:
+        """Weights holding ``experts`` of MoE layer ``layer``, and the row of each in them."""
+        experts = np.asarray(experts, dtype=np.int64)
+        if self._cache is not None and len(experts) <= self.slots:
+            return self._fetch_cached(layer, experts)
+        i, self._turn = self._turn, self._turn ^ 1
+        if self._ring[i] is None or self._ring[i].rows < len(experts):
+            self._ring[i] = None  # free the old arrays before allocating the larger ones
+            self._ring[i] = RecordArrays(self.layout, len(experts))
+        dest = self._ring[i]
+        self.reader.read(layer, experts, into=dest.views)
+        return dest.weights(len(experts)), np.arange(len(experts))
+
+    def _fetch_cached(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, np.ndarray]:
         keys = [(layer, int(e)) for e in experts]
-        rows: List = [self._cache.get(k) for k in keys]
-        missing = [i for i, row in enumerate(rows) if row is None]
+        rows = np.empty(len(keys), dtype=np.int64)
+        missing = []
+        for j, key in enumerate(keys):
+            slot = self._slot_of.get(key)
+            if slot is None:
+                missing.append(j)
+            else:
+                rows[j] = slot
+                self._slot_of.move_to_end(key)
+        for j in missing:  # this call's hits were just moved to the end: they are not evicted
+            rows[j] = self._free.pop() if self._free else self._slot_of.popitem(last=False)[1]
+            self._slot_of[keys[j]] = rows[j]
         if missing:
-            fresh = mx.array(self.reader.read(layer, [keys[i][1] for i in missing]))  # one host->device copy
-            copies = []
-            for j, i in enumerate(missing):
-                rows[i] = fresh[j]
-                copies.append(fresh[j] * 1)
-                self._remember(keys[i], copies[-1])
-            mx.async_eval(copies)  # evaluated now, so nothing lazy keeps the batch alive
-        for k in keys:  # mark as recently used (a fresh key may already have been evicted)
-            if k in self._cache:
-                self._cache.move_to_end(k)
+            try:
+                self.reader.read(layer, experts[missing], into=self._cache.views, rows=rows[missing])
+            except BaseException:
+                for j in missing:  # those slots hold partial records: forget them
+                    del self._slot_of[keys[j]]
+                    self._free.append(int(rows[j]))
+                raise
         self.reader.stats.cache_hits += len(keys) - len(missing)
-        return records_to_weights(mx.stack(rows), self.layout)
-
-    def _remember(self, key: tuple, record: mx.array) -> None:
-        # ``record`` must own its buffer (the caller passes a copy): a row view would keep the
-        # whole read batch alive, and the cache would hold far more than ``cache_bytes``.
-        while self._cache and (len(self._cache) + 1) * self.layout.record_size > self.cache_bytes:
-            self._cache.popitem(last=False)
-        self._cache[key] = record
+        return self._cache.weights(), rows
 
     def prefetch(self, layer: int, experts: np.ndarray) -> None:
         """Start reading records that will probably be fetched soon (see ``ExpertReader.prefetch``)."""
-        self.reader.prefetch(layer, [e for e in experts if (layer, int(e)) not in self._cache])
+        self.reader.prefetch(layer, [e for e in experts if (layer, int(e)) not in self._slot_of])
 
 
 class ResidentExperts:
@@ -69,17 +84,13 @@ class ResidentExperts:
     The reference the streaming path is tested against, and the mode for models that fit.
     """
 
-    indexes_all = True
-
     def __init__(self, reader: ExpertReader):
         n = reader.manifest.num_experts
-        self._weights: Dict[int, ExpertWeights] = {}
+        self._weights = {}
         for layer in reader.manifest.moe_layers:
-            w = records_to_weights(reader.read(layer, range(n)), reader.manifest.layout)
-            mx.eval([p.weight for p in (w.gate, w.up, w.down)], [p.scales for p in (w.gate, w.up, w.down)
-                                                                    if p.scales is not None])
-            self._weights[layer] = w
+            arrays = RecordArrays(reader.manifest.layout, n)
+            reader.read(layer, range(n), into=arrays.views)
+            self._weights[layer] = arrays.weights()
 
-    def fetch(self, layer: int, experts: np.ndarray) -> ExpertWeights:
-        return self._weights[layer]
-
+    def fetch(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, None]:
+        return self._weights[layer], None  # rows are the expert ids themselves

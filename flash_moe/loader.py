@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from .errors import ModelFormatError
 from .experts import DiskExperts, ResidentExperts
@@ -40,6 +41,35 @@ def _quantize_resident(model: nn.Module, weights: dict, quantization: dict) -> N
 
     nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
                 mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
+def _dequantize_single_group_layers(model: nn.Module) -> None:
+    """Keep quantized layers whose input fits in one quantization group in floating point.
+
+    MLX CUDA 0.32 on Hopper sends such products with more than one row (a prompt) to a kernel
+    that returns wrong values (measured on an H100: errors up to 3e38 at K=64 in float32, while
+    one row is exact). Only toy models have layers this small, so the cost is nil.
+    """
+    replace = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and module.scales.shape[-1] == 1:
+            w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits,
+                              mode=module.mode)
+            if isinstance(module, nn.QuantizedEmbedding):
+                dense = nn.Embedding(*w.shape)
+            else:
+                dense = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+                if "bias" in module:
+                    dense.bias = module.bias
+            dense.weight = w
+            replace.append((path, dense))
+    if replace:
+        model.update_modules(tree_unflatten(replace))
+
+
+def _cuda_build() -> bool:
+    cuda = getattr(mx, "cuda", None)
+    return cuda is not None and cuda.is_available()
 
 
 def load(path: str | os.PathLike, experts_per_token: Optional[int] = None, *, threads: int = 8,
@@ -85,13 +115,16 @@ def load(path: str | os.PathLike, experts_per_token: Optional[int] = None, *, th
     except ValueError as exc:
         raise ModelFormatError(f"{model_dir}: resident weights do not match the model ({exc}). "
                                "Re-run `flash-moe convert` with this version of flash-moe.") from exc
+    if manifest.resident_quantization and _cuda_build():
+        _dequantize_single_group_layers(model)
     mx.eval(model.parameters())
 
     reader = ExpertReader(model_dir, manifest, threads=threads, check=check, direct=direct)
     model.expert_reader = reader
     model.attach_experts(ResidentExperts(reader) if resident_experts else DiskExperts(reader, cache_bytes))
     for block in model.moe_blocks():
-        block.max_fetch = max(1, max_read_bytes // manifest.layout.record_size) if max_read_bytes else 0
+        block.max_fetch = max(1, max_read_bytes // manifest.layout.record_size) \
+            if max_read_bytes and not resident_experts else 0
     if experts_per_token is not None:
         model.set_experts_per_token(experts_per_token)
 

@@ -8,6 +8,9 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+# Full float32 matmuls on GPUs (MLX uses TF32 on CUDA by default): GPU-vs-CPU comparisons are exact
+# enough to hold to 1e-3 end to end.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 from flash_moe import convert  # noqa: E402
 from flash_moe.tiny import make_tiny_checkpoint  # noqa: E402

@@ -41,9 +41,16 @@ def test_kernels_match_reference_end_to_end(hf_checkpoint, tmp_path, bits):
     assert (mx.argmax(fast, -1) == mx.argmax(ref, -1)).all().item()
 
 
-def test_gpu_matches_cpu_unquantized(packed16):
-    model, _ = flash_moe.load(packed16)
+@pytest.mark.parametrize("packed", ["packed16", "packed4"])
+def test_gpu_matches_cpu(packed, request):
+    """The whole model on the GPU (custom kernels, MLX CUDA ops) against the CPU's plain-MLX path."""
+    model, _ = flash_moe.load(request.getfixturevalue(packed))
     on_gpu = decode_logits(model)
-    with mx.stream(mx.cpu):
-        on_cpu = decode_logits(model)
+    mx.set_default_device(mx.cpu)
+    try:
+        model_cpu, _ = flash_moe.load(request.getfixturevalue(packed))
+        on_cpu = decode_logits(model_cpu)
+    finally:
+        mx.set_default_device(mx.gpu)
+    assert not mx.isnan(on_gpu).any().item()
     assert mx.abs(on_gpu - on_cpu).max().item() < 1e-3

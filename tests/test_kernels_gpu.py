@@ -204,15 +204,35 @@ def test_gated_delta_step_tiny_heads(dtype):
     assert rel(y, y_ref) < (1e-4 if dtype == mx.float32 else 1e-2)
 
 
-def test_float32_matmul_precision_on_this_gpu():
-    """How far a float32 matmul on this GPU is from the CPU's: the end-to-end tolerances against
-    the CPU depend on it (prints the figure; fails only beyond TF32's precision)."""
+def test_float32_matmul_is_full_precision_in_the_tests():
+    """The tests set MLX_ENABLE_TF32=0 (conftest): float32 matmuls then match the CPU's closely
+    (with TF32, measured on an H100 with MLX 0.32.4: 2.9e-4), so GPU-vs-CPU logits can be held
+    to 1e-3 end to end."""
     a, b = mx.random.normal((64, 256)), mx.random.normal((256, 64))
     gpu = a @ b
     with mx.stream(mx.cpu):
         cpu = a @ b
     err = rel(gpu, cpu)
     print(f"float32 matmul GPU vs CPU relative error: {err:.2e}")
-    # Measured on an H100 with MLX 0.32.4: 2.9e-4 (TF32-like), hence the end-to-end tests compare
-    # GPU logits with the CPU's only loosely, and exact parity tests run on the CPU.
-    assert err < 2e-3, f"float32 matmul on this GPU is off by {err:.1e}, worse than TF32"
+    assert err < 1e-5, f"float32 matmul on this GPU is off by {err:.1e}: is MLX_ENABLE_TF32=0 honoured?"
+
+
+@pytest.mark.parametrize("K_", [64, 4096], ids=["one-group", "real"])
+def test_mlx_quantized_matmul_of_prompt_rows(K_):
+    """MLX's own quantized matmul with 8 rows (a prompt) against the CPU. The resident layers of a
+    real model (K = 4096) must be right; at K = group size MLX CUDA 0.32 is wrong on Hopper, and
+    the loader keeps such layers dense (``loader._dequantize_single_group_layers``); this test
+    says whether that is still needed."""
+    mx.random.seed(3)
+    w = mx.random.normal((256, K_)).astype(mx.bfloat16)
+    x = mx.random.normal((8, K_)).astype(mx.bfloat16)
+    wq, s, b = mx.quantize(w, 64, 4)
+    gpu = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)
+    with mx.stream(mx.cpu):  # float32 truth (MLX's CPU bf16 product is itself ~7e-2 off at K=4096)
+        f32 = [a.astype(mx.float32) for a in (x, s, b)]
+        cpu = mx.quantized_matmul(f32[0], wq, f32[1], f32[2], transpose=True, group_size=64, bits=4)
+    err = rel(gpu, cpu)
+    print(f"quantized_matmul bf16 M8 K{K_}: relative error {err:.2e}")
+    if K_ == 64 and not err < 1e-2:  # NaN included
+        pytest.xfail(f"MLX CUDA single-group quantized matmul is wrong here ({err:.1e}); worked around at load")
+    assert err < 1e-2

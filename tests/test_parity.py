@@ -84,3 +84,18 @@ def test_experts_per_token_can_be_lowered_and_raised(packed16):
     assert mx.abs(low - full(PROMPT)).max().item() > 1e-3
     with pytest.raises(ValueError, match="experts_per_token"):
         model.set_experts_per_token(9)
+
+
+def test_single_group_layers_kept_dense_give_the_same_logits(packed4):
+    """The MLX CUDA workaround (loader._dequantize_single_group_layers) changes no result."""
+    import mlx.nn as nn
+
+    from flash_moe import loader
+
+    model, _ = flash_moe.load(packed4)
+    prompt = mx.array([[5, 17, 99, 200, 3, 44, 61, 7]])
+    before = model(prompt)
+    loader._dequantize_single_group_layers(model)
+    assert not [m for _, m in model.named_modules()
+                if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and m.scales.shape[-1] == 1]
+    assert mx.abs(model(prompt) - before).max().item() < 1e-5

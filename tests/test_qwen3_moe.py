@@ -14,6 +14,8 @@ import flash_moe
 from flash_moe import convert
 from flash_moe.tiny import write_tokenizer
 
+from benchmarks.measure import ReadLog
+
 CONFIG = {"model_type": "qwen3_moe", "hidden_size": 128, "num_hidden_layers": 3, "intermediate_size": 256,
           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6,
           "vocab_size": 320, "max_position_embeddings": 1024, "rope_theta": 1000000.0,
@@ -69,10 +71,7 @@ def test_streamed_qwen3_moe_matches_mlx_lm(checkpoints):
 def test_qwen3_moe_reads_each_expert_once_per_layer_per_chunk(checkpoints):
     _, packed = checkpoints
     model, _ = flash_moe.load(packed)
-    reader = model.expert_reader
-    calls = []
-    orig = reader.read
-    reader.read = lambda layer, experts: calls.append((layer, list(experts))) or orig(layer, experts)
+    calls = ReadLog(model.expert_reader).__enter__().calls
     model(mx.array(list(range(3, 67)))[None], cache=model.make_cache())
     assert sorted(l for l, _ in calls) == [0, 2]
     for _, experts in calls:

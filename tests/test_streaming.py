@@ -13,6 +13,8 @@ import flash_moe
 from flash_moe.errors import CorruptRecordError, ModelFormatError, UnsupportedModelError
 from flash_moe.io.format import load_manifest
 
+from benchmarks.measure import ReadLog
+
 
 @pytest.fixture
 def copy_of(tmp_path):
@@ -24,16 +26,8 @@ def copy_of(tmp_path):
 
 
 def spy_reads(model):
-    """Record every (layer, experts) the reader is asked for."""
-    reader, calls = model.expert_reader, []
-    real = reader.read
-
-    def read(layer, experts):
-        calls.append((layer, [int(e) for e in experts]))
-        return real(layer, experts)
-
-    reader.read = read
-    return calls
+    """Record every (layer, experts) the reader is asked for (until the model is dropped)."""
+    return ReadLog(model.expert_reader).__enter__().calls
 
 
 def test_decode_reads_k_records_per_moe_layer(packed4):
@@ -182,3 +176,68 @@ def test_read_error_names_the_file(packed4, monkeypatch):
     monkeypatch.setattr("flash_moe.io.reader.os.preadv", broken)
     with pytest.raises(ModelFormatError, match=r"layer_000\.bin: read error at byte .*Input/output error"):
         mx.eval(model(mx.array([[1]])))
+
+
+def decode(model, steps: int = 5) -> mx.array:
+    cache = model.make_cache()
+    logits = [model(mx.array([[5, 17, 99, 200, 3, 44]]), cache=cache)[:, -1]]
+    for _ in range(steps):
+        logits.append(model(mx.argmax(logits[-1], axis=-1)[:, None], cache=cache)[:, -1])
+    return mx.stack(logits)
+
+
+@pytest.mark.parametrize("slots", [2, 3, 8 * 4])
+def test_expert_cache_evicts_and_stays_exact(packed4, slots):
+    """A cache from k slots (everything evicted all the time) up to every expert of every
+    layer: the logits equal the resident model's bit for bit, and hits happen when they can."""
+    ref_model, _ = flash_moe.load(packed4, resident_experts=True)
+    ref = decode(ref_model)
+    record = load_manifest(packed4).layout.record_size
+    model, _ = flash_moe.load(packed4, cache_bytes=slots * record)
+    out = decode(model)
+    assert mx.array_equal(out, ref).item()
+    stats = model.expert_reader.stats
+    assert stats.reads > 0
+    if slots == 32:  # holds the working set: a second pass reads nothing
+        before = stats.copy()
+        assert mx.array_equal(decode(model), ref).item()
+        assert (model.expert_reader.stats - before).reads == 0
+
+
+def test_failed_read_leaves_no_cache_entry(packed4, copy_of):
+    model_dir = copy_of(packed4)
+    m = load_manifest(model_dir)
+    path = model_dir / m.entry(1).file
+    data = bytearray(path.read_bytes())
+    for e in range(m.num_experts):
+        data[e * m.layout.record_size + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    model, _ = flash_moe.load(model_dir, cache_bytes=16 * m.layout.record_size)
+    with pytest.raises(CorruptRecordError):
+        mx.eval(model(mx.array([[1, 2, 3]])))
+    source = model.moe_blocks()[0]._source
+    assert not [key for key in source._slot_of if key[0] == 1]  # no slot claims a bad record
+    with pytest.raises(CorruptRecordError):  # and it is not served from the cache later
+        mx.eval(model(mx.array([[1, 2, 3]])))
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_reads_land_in_place(packed4, direct):
+    """Scattered reads into per-tensor arrays give the same bytes as the record buffer."""
+    from flash_moe.io.reader import ExpertReader
+    from flash_moe.io.records import RecordArrays
+
+    m = load_manifest(packed4)
+    try:
+        reader = ExpertReader(packed4, m, threads=4, direct=direct)
+    except ModelFormatError:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    whole = np.array(ExpertReader(packed4, m).read(2, [6, 1, 4]))
+    dest = RecordArrays(m.layout, 5)
+    reader.read(2, [6, 1, 4], into=dest.views, rows=[4, 0, 2])
+    for slot, view in zip(m.layout.tensors, dest.views):
+        got = view[[4, 0, 2]]
+        assert np.array_equal(got, whole[:, slot.offset: slot.offset + slot.nbytes]), slot.name
+    w = dest.weights()  # the MLX arrays see the same memory
+    assert np.array_equal(np.array(w.gate.weight[4]).view(np.uint8).ravel(),
+                          whole[0, m.layout.slot("gate.weight").offset:][: m.layout.slot("gate.weight").nbytes])

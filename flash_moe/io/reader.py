@@ -9,7 +9,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -76,6 +76,18 @@ class ExpertReader:
         self._fds = {layer: self._open(path) for layer, path in self._paths.items()}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flash-moe-io") if threads > 1 else None
         self._buffers = [aligned_buffer(0), aligned_buffer(0)]  # ring of two: one in use, one being filled
+        # The record as (offset, nbytes) pieces in file order: the tensors, and the padding
+        # between them (which scatter reads send to a scratch buffer).
+        self._pieces: List[Tuple[int, int, int]] = []  # (offset, nbytes, tensor index or -1)
+        at = 0
+        for i, slot in sorted(enumerate(manifest.layout.tensors), key=lambda t: t[1].offset):
+            if slot.offset > at:
+                self._pieces.append((at, slot.offset - at, -1))
+            self._pieces.append((slot.offset, slot.nbytes, i))
+            at = slot.offset + slot.nbytes
+        if at < self.record_size:
+            self._pieces.append((at, self.record_size - at, -1))
+        self._padding = sum(n for _, n, i in self._pieces if i < 0)
         self._next = 0
         self.prefetched = 0  # records handed to prefetch() (kernel readahead), not counted in stats
 
@@ -107,11 +119,19 @@ class ExpertReader:
             self._verify(layer, expert, out)
 
     def _read_raw(self, layer: int, expert: int, out: np.ndarray) -> None:
-        fd, size = self._fds[layer], self.record_size
-        offset, done, view = expert * size, 0, memoryview(out)
-        while done < size:
+        self._read_views(layer, expert, [memoryview(out)])
+
+    def _read_views(self, layer: int, expert: int, views: List[memoryview]) -> None:
+        """The record of ``expert`` into ``views`` in order (their sizes add up to a record)."""
+        fd, size, offset = self._fds[layer], self.record_size, expert * self.record_size
+        done = 0
+        while done < size:  # a short read resumes where it stopped
+            start, skip = 0, done
+            while skip >= views[start].nbytes:
+                skip -= views[start].nbytes
+                start += 1
             try:
-                got = os.preadv(fd, [view[done:]], offset + done)
+                got = os.preadv(fd, [views[start][skip:]] + views[start + 1:], offset + done)
             except OSError as exc:
                 raise ModelFormatError(f"{self._paths[layer]}: read error at byte {offset + done} "
                                        f"(layer {layer}, expert {expert}): {exc.strerror}. "
@@ -122,29 +142,60 @@ class ExpertReader:
                                        "Re-run `flash-moe convert`.")
             done += got
 
+    def _read_scattered(self, layer: int, expert: int, row: int, into: Sequence[np.ndarray]) -> None:
+        """One record straight into row ``row`` of each tensor's destination (one ``preadv``)."""
+        scratch = memoryview(np.empty(self._padding, dtype=np.uint8))
+        views, used = [], 0
+        for _, nbytes, i in self._pieces:
+            if i < 0:
+                views.append(scratch[used: used + nbytes])
+                used += nbytes
+            else:
+                views.append(memoryview(into[i][row]).cast("B"))
+        self._read_views(layer, expert, views)
+        if self.check == "always" or (self.check == "first" and not self._verified[layer][expert]):
+            crc = 0
+            for v in views:
+                crc = zlib.crc32(v, crc)
+            self._check_crc(layer, expert, crc)
+
     def _verify(self, layer: int, expert: int, record: np.ndarray) -> None:
-        if zlib.crc32(record) != self._checksums[layer][expert]:
+        self._check_crc(layer, expert, zlib.crc32(record))
+
+    def _check_crc(self, layer: int, expert: int, crc: int) -> None:
+        if crc != self._checksums[layer][expert]:
             raise CorruptRecordError(
                 f"{self._paths[layer]}: the record of expert {expert} (layer {layer}, bytes "
                 f"{expert * self.record_size}..{(expert + 1) * self.record_size}) fails its checksum: the "
                 "file is corrupt. Run `flash-moe verify` to list every bad record, then re-convert the model.")
         self._verified[layer][expert] = True
 
-    def read(self, layer: int, experts: Sequence[int]) -> np.ndarray:
+    def read(self, layer: int, experts: Sequence[int], into: Optional[Sequence[np.ndarray]] = None,
+             rows: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
         """Read the records of ``experts`` of MoE layer ``layer``.
 
-        Returns a [len(experts), record_size] uint8 view of an internal buffer, valid until
-        the call after next (two buffers rotate, so one read may fill while the last is used).
+        Without ``into``: returns a [len(experts), record_size] uint8 view of an internal
+        buffer, valid until the call after next (two buffers rotate).
+
+        With ``into`` (one uint8 array per tensor of the layout, in layout order, each at least
+        [len(experts), tensor bytes]): the record of ``experts[j]`` lands in row ``j`` of each,
+        read straight from the file with no intermediate buffer (``rows``, if given, names
+        the row of each expert instead); returns None. With direct reads (whose buffers must be
+        aligned) the records pass through the aligned buffer.
         """
         experts = [int(e) for e in experts]
-        out = self._buffer(len(experts))
+        rows = list(range(len(experts))) if rows is None else [int(r) for r in rows]
         t0 = time.perf_counter()
-        if self._pool is None or len(experts) <= 1:
-            for i, e in enumerate(experts):
-                self._read_one(layer, e, out[i])
+        if into is not None and not self.direct:
+            out = None
+            self._run([(self._read_scattered, layer, e, r, into) for e, r in zip(experts, rows)])
         else:
-            for f in [self._pool.submit(self._read_one, layer, e, out[i]) for i, e in enumerate(experts)]:
-                f.result()
+            out = self._buffer(len(experts))
+            self._run([(self._read_one, layer, e, out[j]) for j, e in enumerate(experts)])
+            if into is not None:
+                for slot, dest in zip(self.manifest.layout.tensors, into):
+                    dest[rows] = out[:, slot.offset: slot.offset + slot.nbytes]
+                out = None
         seconds = time.perf_counter() - t0
         nbytes = len(experts) * self.record_size
         s = self.stats
@@ -156,6 +207,14 @@ class ExpertReader:
         layer_stats[1] += nbytes
         layer_stats[2] += seconds
         return out
+
+    def _run(self, tasks: list) -> None:
+        if self._pool is None or len(tasks) <= 1:
+            for fn, *args in tasks:
+                fn(*args)
+        else:
+            for f in [self._pool.submit(*t) for t in tasks]:
+                f.result()
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> int:
         """Ask the kernel to start reading these records into the page cache, without waiting.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -48,6 +48,41 @@ def _field(records: mx.array, slot) -> mx.array:
     n = records.shape[0]
     raw = mx.contiguous(records[:, slot.offset: slot.offset + slot.nbytes])
     return raw.view(MX_DTYPES[slot.dtype]).reshape(n, *slot.shape)
+
+
+class RecordArrays:
+    """Room for ``rows`` expert records as MLX arrays, one per tensor, that the reader fills
+    in place through numpy views of the same memory (``ExpertReader.read(..., into=views)``).
+
+    The records go from the file straight into the arrays the kernels read: no staging buffer
+    and no copy inside MLX. Writing is only safe while no pending MLX computation reads the
+    rows being written; the MoE layer guarantees it (its host sync on the router's choice
+    comes after the previous layer's experts have been computed).
+    """
+
+    def __init__(self, layout: ExpertLayout, rows: int):
+        self.layout, self.rows = layout, rows
+        raw = [mx.zeros((rows, slot.nbytes), dtype=mx.uint8) for slot in layout.tensors]
+        typed = [r.view(MX_DTYPES[slot.dtype]).reshape(rows, *slot.shape) for r, slot in zip(raw, layout.tensors)]
+        mx.eval(raw, typed)
+        self.views = [np.array(r, copy=False) for r in raw]  # writable, aliasing the MLX memory
+        if any(not v.flags.writeable for v in self.views):
+            raise RuntimeError("this MLX build gives read-only views of its arrays")
+        self._raw, self._typed = raw, dict(zip((s.name for s in layout.tensors), typed))
+
+    def weights(self, n: Optional[int] = None) -> ExpertWeights:
+        """The first ``n`` rows (default: all) as stacked expert weights."""
+        def field(name: str) -> mx.array:
+            a = self._typed[name]
+            return a if n is None or n == self.rows else a[:n]
+
+        projections = []
+        for p in PROJECTIONS:
+            if self.layout.bits < 16:
+                projections.append(Projection(field(f"{p}.weight"), field(f"{p}.scales"), field(f"{p}.biases")))
+            else:
+                projections.append(Projection(field(f"{p}.weight")))
+        return ExpertWeights(*projections, bits=self.layout.bits, group_size=self.layout.group_size)
 
 
 def records_to_weights(records: "np.ndarray | mx.array", layout: ExpertLayout) -> ExpertWeights:

@@ -6,7 +6,7 @@ SwiGLU experts, optional gated shared expert" builds it with its own sizes.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,10 +19,10 @@ from ..kernels.reference import ExpertWeights
 class ExpertSource(Protocol):
     """Where a MoE layer's expert weights come from."""
 
-    indexes_all: bool  # True: fetch returns every expert and indices stay global
-
-    def fetch(self, layer: int, experts: np.ndarray) -> ExpertWeights:
-        """Stacked weights of ``experts`` (sorted, unique) of MoE layer ``layer``."""
+    def fetch(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, Optional[np.ndarray]]:
+        """Stacked weights that hold ``experts`` (sorted, unique) of MoE layer ``layer``, and
+        the row of each of them in those weights (more rows may be there: a cache), or None
+        when the weights hold every expert at its own index."""
         ...
 
 
@@ -64,6 +64,7 @@ class StreamingMoE(nn.Module):
         # that needs more experts of a layer is computed in groups of experts, so that memory
         # holds one group's records, not every expert of the layer. 0: no limit.
         self.max_fetch = 0
+        self.eval_early = True  # start each layer's expert compute at once (see __call__)
         # Next-layer prefetch (off by default): this layer's MoE input through the next layer's
         # router predicts the next layer's experts; their reads start while this layer computes.
         self._next: Optional["StreamingMoE"] = None
@@ -106,15 +107,13 @@ class StreamingMoE(nn.Module):
             self.prediction_counts[1] += len(needed)
             self._predicted = None
         group = max(self.max_fetch, self.top_k)  # a decode step's k records always go together
-        if self._source.indexes_all or not self.max_fetch or len(needed) <= group:
-            weights = self._source.fetch(self.layer, needed)
+        if not self.max_fetch or len(needed) <= group:
+            weights, rows = self._source.fetch(self.layer, needed)
             if nxt is not None and hasattr(self._source, "prefetch"):  # after our reads: they come first
                 nxt._predicted = np.unique(np.array(guess))
                 self._source.prefetch(nxt.layer, nxt._predicted)
-            if self._source.indexes_all:  # resident: index the full stack directly
-                local = inds
-            else:
-                local = mx.array(local.reshape(host_inds.shape).astype(np.int32))
+            # Resident weights take the router's indices as they are, with no upload.
+            local = inds if rows is None else mx.array(rows[local].reshape(host_inds.shape).astype(np.int32))
             y = kernels.expert_mlp(x2, weights, local, scores)
         else:
             y = self._grouped_experts(x2, scores, needed, local.reshape(host_inds.shape), group)
@@ -126,6 +125,10 @@ class StreamingMoE(nn.Module):
             out = res + (y + shared)
         else:
             out = kernels.moe_combine(y, shared, shared_gate, res)
+        # Start on the experts now: the device computes them while Python builds the next
+        # layer's graph, up to that layer's router sync.
+        if self.eval_early:
+            mx.async_eval(out)
         return out.reshape(shape)
 
     def _grouped_experts(self, x2: mx.array, scores: mx.array, needed: np.ndarray, local: np.ndarray,
@@ -135,9 +138,11 @@ class StreamingMoE(nn.Module):
         for start in range(0, len(needed), size):
             group = needed[start:start + size]
             tok, slot = np.nonzero((local >= start) & (local < start + len(group)))  # the (token, j) pairs it serves
-            weights = self._source.fetch(self.layer, group)
+            weights, rows = self._source.fetch(self.layer, group)
             tok_mx = mx.array(tok.astype(np.int32))
-            part = kernels.expert_mlp(x2[tok_mx], weights, mx.array((local[tok, slot] - start)[:, None].astype(np.int32)),
+            at = local[tok, slot] - start
+            at = group[at] if rows is None else rows[at]
+            part = kernels.expert_mlp(x2[tok_mx], weights, mx.array(at[:, None].astype(np.int32)),
                                       scores[tok_mx, mx.array(slot.astype(np.int32))][:, None])
             y = y.at[tok_mx].add(part)
             mx.eval(y)  # this group's records can be freed before the next group is read
