@@ -83,8 +83,9 @@ def load(path: str | os.PathLike, experts_per_token: Optional[int] = None, *, th
             ``num_experts_per_tok`` (fewer bytes read per token; can be raised back later with
             ``model.set_experts_per_token``).
         threads: parallel reads in flight.
-        cache_bytes: bytes of an LRU cache of expert records kept as MLX arrays on the compute
-            device (GPU memory on CUDA, RAM on CPU and Apple silicon); 0 relies on the page cache.
+        cache_bytes: bytes of an LRU cache of expert records: slots in MLX arrays on the compute
+            device (GPU memory on CUDA, RAM on CPU and Apple silicon), allocated here at load
+            and indexed by the kernels directly; 0 relies on the page cache.
         check: verify each record's CRC-32 "first" time it is read (default), "always", or "never".
         direct: bypass the OS page cache (O_DIRECT / F_NOCACHE).
         resident_experts: read every expert into memory at load instead of streaming.
