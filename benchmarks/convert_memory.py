@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 BUILD = """

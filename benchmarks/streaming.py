@@ -16,9 +16,8 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import mlx.core as mx
 
@@ -95,8 +94,7 @@ def overmem_child(args) -> None:
         model.set_prefetch(True)
     loaded = rss()
     reader = model.expert_reader
-    files = expert_files(Path(args.packed))
-    r = M.decode(model, model.make_cache, M.prompt_ids(8), args.tokens, reader, before=lambda: M.drop_page_cache(files))
+    r = M.decode(model, model.make_cache, M.prompt_ids(8), args.tokens, reader, before=reader.drop_page_cache)
     r.update(rss_import=base, rss_loaded=loaded, peak_rss=peak_rss())
     print(json.dumps(r))
 

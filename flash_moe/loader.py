@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,6 +15,9 @@ from .experts import DiskExperts, ResidentExperts
 from .io.format import load_manifest
 from .io.reader import ExpertReader
 from .models import architecture
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
 def _resolve(path: str | os.PathLike) -> Path:

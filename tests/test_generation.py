@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import pytest
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 

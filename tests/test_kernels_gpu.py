@@ -160,9 +160,9 @@ def test_tiny_model_end_to_end(packed, request):
 
 
 def through_records(w: ExpertWeights) -> ExpertWeights:
-    """The same experts packed into records and unpacked as the loader does (views of one copy)."""
+    """The same experts packed into records and unpacked as the loader does (into RecordArrays)."""
     from flash_moe.io.format import ExpertLayout
-    from flash_moe.io.records import mx_dtype_name, pack_record, records_to_weights
+    from flash_moe.io.records import RecordArrays, mx_dtype_name, pack_record
 
     U = w.gate.weight.shape[0]
     per = [{f"{p}.{f}": getattr(getattr(w, p), a)[u] for p in ("gate", "up", "down")
@@ -170,7 +170,9 @@ def through_records(w: ExpertWeights) -> ExpertWeights:
     layout = ExpertLayout.build({k: v.shape for k, v in per[0].items()}, {k: mx_dtype_name(v) for k, v in per[0].items()},
                                 bits=w.bits, group_size=w.group_size, alignment=4096)
     records = np.stack([np.frombuffer(pack_record(t, layout), dtype=np.uint8) for t in per])
-    return records_to_weights(records, layout)
+    arrays = RecordArrays(layout, U)
+    layout.scatter(records, arrays.views, np.arange(U))
+    return arrays.weights()
 
 
 @pytest.mark.parametrize("source", ["quantize", "records"])
@@ -179,7 +181,7 @@ def through_records(w: ExpertWeights) -> ExpertWeights:
 @pytest.mark.parametrize("N, U", [(1, 2), (8, 2), (1, 1)])
 def test_expert_mlp_shapes_scales_and_records(dims, sdt, source, N, U):
     """The tiny test model's shapes (2 lanes per row), float32 scales, and weights that come
-    through records_to_weights as the loader hands them to the kernels."""
+    through the loader's record arrays as it hands them to the kernels."""
     w = experts(U, 4, sdt=sdt, seed=U + N, dims=dims)
     if source == "records":
         w = through_records(w)

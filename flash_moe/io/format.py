@@ -78,6 +78,12 @@ class ExpertLayout:
             offset = round_up(offset + slot.nbytes, TENSOR_ALIGN)
         return cls(bits, group_size, mode, round_up(offset, alignment), alignment, slots)
 
+    def scatter(self, records, into, rows) -> None:
+        """Copy each tensor's bytes of ``records`` ([n, record_size] uint8) into rows ``rows``
+        of its destination in ``into`` (one [*, nbytes] uint8 array per tensor, layout order)."""
+        for slot, dest in zip(self.tensors, into):
+            dest[rows] = records[:, slot.offset: slot.offset + slot.nbytes]
+
     def slot(self, name: str) -> TensorSlot:
         for s in self.tensors:
             if s.name == name:

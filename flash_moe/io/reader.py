@@ -193,8 +193,7 @@ class ExpertReader:
             out = self._buffer(len(experts))
             self._run([(self._read_one, layer, e, out[j]) for j, e in enumerate(experts)])
             if into is not None:
-                for slot, dest in zip(self.manifest.layout.tensors, into):
-                    dest[rows] = out[:, slot.offset: slot.offset + slot.nbytes]
+                self.manifest.layout.scatter(out, into, rows)
                 out = None
         seconds = time.perf_counter() - t0
         nbytes = len(experts) * self.record_size

@@ -42,14 +42,6 @@ def pack_record(tensors: Dict[str, mx.array], layout: ExpertLayout) -> bytes:
     return bytes(buf)
 
 
-def _field(records: mx.array, slot) -> mx.array:
-    """One tensor of every record, cut out of the records already in MLX (a copy inside MLX:
-    on a GPU it runs on the device, after a single contiguous host-to-device transfer)."""
-    n = records.shape[0]
-    raw = mx.contiguous(records[:, slot.offset: slot.offset + slot.nbytes])
-    return raw.view(MX_DTYPES[slot.dtype]).reshape(n, *slot.shape)
-
-
 class RecordArrays:
     """Room for ``rows`` expert records as MLX arrays, one per tensor, that the reader fills
     in place through numpy views of the same memory (``ExpertReader.read(..., into=views)``).
@@ -83,24 +75,3 @@ class RecordArrays:
             else:
                 projections.append(Projection(field(f"{p}.weight")))
         return ExpertWeights(*projections, bits=self.layout.bits, group_size=self.layout.group_size)
-
-
-def records_to_weights(records: "np.ndarray | mx.array", layout: ExpertLayout) -> ExpertWeights:
-    """Turn ``records`` ([n, record_size] uint8, as read from disk) into stacked MLX weights.
-
-    The whole buffer is copied once into MLX with one contiguous copy (copying strided numpy
-    slices field by field measured 2x slower on the CPU and far slower to a GPU); the tensors
-    are then sliced out in MLX. The buffer can be reused as soon as this returns.
-    """
-    names = {s.name: s for s in layout.tensors}
-    if not isinstance(records, mx.array):
-        records = mx.array(np.ascontiguousarray(records))
-    projections = []
-    for p in PROJECTIONS:
-        weight = _field(records, names[f"{p}.weight"])
-        if layout.bits < 16:
-            projections.append(Projection(weight, _field(records, names[f"{p}.scales"]),
-                                          _field(records, names[f"{p}.biases"])))
-        else:
-            projections.append(Projection(weight))
-    return ExpertWeights(*projections, bits=layout.bits, group_size=layout.group_size)

@@ -136,10 +136,16 @@ def proj_layout(dim: int, bits: int) -> Optional[Tuple[int, int]]:
     epl = 128 // bits
     if dim % epl:
         return None
-    chunks = dim // epl
+    lanes = lanes_per_row(dim // epl)
+    return None if lanes is None else (epl, lanes)
+
+
+def lanes_per_row(chunks: int) -> Optional[int]:
+    """Lanes that share a row of ``chunks`` lane-sized chunks: 32 when the chunks fill whole
+    warps, else all of them if a power of two (several rows then share a warp); None otherwise."""
     if chunks >= 32:
-        return (epl, 32) if chunks % 32 == 0 else None
-    return (epl, chunks) if chunks & (chunks - 1) == 0 else None
+        return 32 if chunks % 32 == 0 else None
+    return chunks if chunks & (chunks - 1) == 0 else None
 
 
 def _proj_ok(p: Projection, rows: int, dim: int, bits: int, gs: int) -> bool:
@@ -173,6 +179,15 @@ def _largest_divisor(n: int, limit: int) -> int:
     return 1
 
 
+def _gate_up_inputs(x, w: ExpertWeights, inds) -> list:
+    return [x, w.gate.weight, w.gate.scales, w.gate.biases, w.up.weight, w.up.scales, w.up.biases, inds]
+
+
+def _down_inputs(w: ExpertWeights, pairs: int, I: int, inds, scores) -> list:
+    """h (a placeholder until gate/up has run: [pairs, I] float32), down's weights, routing."""
+    return [ArraySpec((pairs, I), mx.float32), w.down.weight, w.down.scales, w.down.biases, inds, scores]
+
+
 def _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
     """gate/up: W warps x R row slots x SUB rows per threadgroup, one (token, slot) pair each;
     down: R x SUB rows per threadgroup, its W warps split the K experts."""
@@ -189,13 +204,13 @@ def _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
         return None
     gate_up = Plan(
         codegen.GATE_UP,
-        [x, w.gate.weight, w.gate.scales, w.gate.biases, w.up.weight, w.up.scales, w.up.biases, inds],
+        _gate_up_inputs(x, w, inds),
         dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, XT=x.dtype, ST=w.gate.scales.dtype),
         N * K * (I // (W * R * sub_d)), W * 32, [(N * K, I)], [mx.float32],
     )
     down = Plan(
         codegen.DOWN,
-        [ArraySpec((N * K, I), mx.float32), w.down.weight, w.down.scales, w.down.biases, inds, scores],
+        _down_inputs(w, N * K, I, inds, scores),
         dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, W=Wd, ST=w.down.scales.dtype, RT=scores.dtype,
              OutT=x.dtype),
         N * (D // (Rd * sub_i)), Wd * 32, [(N, D)], [x.dtype],
@@ -222,7 +237,7 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
         W //= 2
     gate_up = Plan(
         codegen.GATE_UP_PF,
-        [x, w.gate.weight, w.gate.scales, w.gate.biases, w.up.weight, w.up.scales, w.up.biases, inds],
+        _gate_up_inputs(x, w, inds),
         dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, XT=x.dtype, ST=w.gate.scales.dtype),
         N * G, W * 32, [(N * K, I)], [mx.float32],
     )
@@ -236,7 +251,7 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
         return None
     down = Plan(
         codegen.DOWN_PF,
-        [ArraySpec((N * K, I), mx.float32), w.down.weight, w.down.scales, w.down.biases, inds, scores],
+        _down_inputs(w, N * K, I, inds, scores),
         dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, RPT=rpt, ST=w.down.scales.dtype, RT=scores.dtype,
              OutT=x.dtype),
         N * (D // rpt), K * 32, [(N, D)], [x.dtype],
@@ -353,10 +368,9 @@ def plan_gated_delta_step(target: str, q, k, v, g, beta, state) -> Optional[Plan
         return None
     if any(a.dtype not in FLOATS for a in (q, k, v, g, beta)) or DK % 4:
         return None
-    chunks = DK // 4
-    if (chunks > 32 and chunks % 32) or (chunks < 32 and chunks & (chunks - 1)):
+    lpr = lanes_per_row(DK // 4)
+    if lpr is None:
         return None
-    lpr = min(32, chunks)
     R, W = TUNING["gated_delta"]["R"], TUNING["gated_delta"]["W"]
     rows_tg = W * R * (32 // lpr)
     return Plan(

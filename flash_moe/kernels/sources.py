@@ -1,7 +1,7 @@
 """The algorithm text of the custom kernels, written once for Metal and CUDA.
 
-Here: the shared helpers, the v1 projection kernels (the default, measured on the H100),
-the weighted combine and the gated delta step; the prefetching v2 projection kernels are in
+Here: the shared helpers, the v1 projection kernels (the fallback), the weighted combine and
+the gated delta step; the prefetching v2 projection kernels (the default) are in
 ``sources_prefetch.py``.
 
 Each text is the *body* of an ``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``; the
@@ -117,6 +117,17 @@ PROJ_CONSTANTS = r"""
   const int sl = fm_lane % LPR;
 """
 
+# The plain sum of every lane chunk of the token's x (multiplies the biases), by all threads of
+# the threadgroup into xsum[D / EPL]; both gate/up kernels stage it.
+STAGE_XSUM = r"""  for (int c = fm_tid; c < D / EPL; c += W * 32) {
+    float sum = 0.0f;
+    for (int i = 0; i < EPL; ++i) {
+      sum += static_cast<float>(x[n * D + c * EPL + i]);
+    }
+    xsum[c] = sum;  // chunk c is lane c % LPR's chunk of step c / LPR
+  }
+"""
+
 # ---- Projection kernels (v1, measured on the H100): one (token, expert) row block per
 # threadgroup for gate/up; warps split the experts of a row block for down.
 
@@ -147,14 +158,7 @@ GATE_UP = r"""
     const float v = static_cast<float>(x[n * D + step * STEP + lane * EPL + i]);
     xs[t] = v * fm_pos_scale<BITS>(i);
   }
-  for (int c = fm_tid; c < D / EPL; c += W * 32) {
-    float sum = 0.0f;
-    for (int i = 0; i < EPL; ++i) {
-      sum += static_cast<float>(x[n * D + c * EPL + i]);
-    }
-    xsum[c] = sum;  // chunk c is lane c % LPR's chunk of step c / LPR
-  }
-  FM_BARRIER();
+""" + STAGE_XSUM + r"""  FM_BARRIER();
 
   const int64_t wbase = int64_t(e) * I;
   float ag[R];

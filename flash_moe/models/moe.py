@@ -64,7 +64,6 @@ class StreamingMoE(nn.Module):
         # that needs more experts of a layer is computed in groups of experts, so that memory
         # holds one group's records, not every expert of the layer. 0: no limit.
         self.max_fetch = 0
-        self.eval_early = True  # start each layer's expert compute at once (see __call__)
         # Next-layer prefetch (off by default): this layer's MoE input through the next layer's
         # router predicts the next layer's experts; their reads start while this layer computes.
         self._next: Optional["StreamingMoE"] = None
@@ -118,17 +117,15 @@ class StreamingMoE(nn.Module):
         else:
             y = self._grouped_experts(x2, scores, needed, local.reshape(host_inds.shape), group)
 
-        res = mx.zeros_like(y) if residual is None else residual.reshape(y.shape)
-        if shared is None:
-            out = res + y
-        elif shared_gate is None:
-            out = res + (y + shared)
+        res = None if residual is None else residual.reshape(y.shape)
+        if shared is not None and shared_gate is not None:
+            out = kernels.moe_combine(y, shared, shared_gate, mx.zeros_like(y) if res is None else res)
         else:
-            out = kernels.moe_combine(y, shared, shared_gate, res)
+            out = y if shared is None else y + shared
+            out = out if res is None else res + out
         # Start on the experts now: the device computes them while Python builds the next
         # layer's graph, up to that layer's router sync.
-        if self.eval_early:
-            mx.async_eval(out)
+        mx.async_eval(out)
         return out.reshape(shape)
 
     def _grouped_experts(self, x2: mx.array, scores: mx.array, needed: np.ndarray, local: np.ndarray,

@@ -12,7 +12,6 @@ import re
 from typing import Any, Dict, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.models import qwen3_moe as _mlx
 from mlx_lm.models.cache import KVCache
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from flash_moe.kernels import sources
+from flash_moe.kernels import codegen, sources
 from flash_moe.kernels.launch import Plan
 
 PRELUDE = r"""
@@ -176,15 +176,7 @@ def translation_unit(plan: Plan) -> str:
     defs = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
     params = [f"const {_CTYPE[a.dtype]}* {n}" for n, a in zip(spec.inputs, plan.inputs)]
     params += [f"{_CTYPE[d]}* {n}" for n, d in zip(spec.outputs, plan.out_dtypes)]
-    consts = []
-    for name in spec.template:
-        v = plan.template[name]
-        if isinstance(v, bool):
-            consts.append(f"  constexpr bool {name} = {'true' if v else 'false'};")
-        elif isinstance(v, int):
-            consts.append(f"  constexpr int {name} = {v};")
-        else:
-            consts.append(f"  using {name} = {_CTYPE[v]};")
+    consts = codegen.template_constants(codegen.template_args(spec, plan.template), _CTYPE)
     n_in = len(spec.inputs)
     args = [f"({_CTYPE[a.dtype]} const*)args[{i}]" for i, a in enumerate(plan.inputs)]
     args += [f"({_CTYPE[d]}*)args[{n_in + i}]" for i, d in enumerate(plan.out_dtypes)]
