@@ -147,8 +147,9 @@ CONFIGS = {
     1: (("gate_up", [dict(R=4, W=4), dict(R=4, W=8), dict(R=2, W=8)]),
         ("down", [dict(R=2, W_max=16), dict(R=4, W_max=16), dict(R=8, W_max=16)])),
     2: (("gate_up_pf", [dict(R=1, W=4, tgs=256), dict(R=1, W=4, tgs=384), dict(R=1, W=8, tgs=256),
-                        dict(R=1, W=2, tgs=512)]),
-        ("down_pf", [dict(R=4, tgs=128), dict(R=2, tgs=128), dict(R=4, tgs=256), dict(R=2, tgs=256)])),
+                        dict(R=1, W=2, tgs=512), dict(R=2, W=4, tgs=256), dict(R=2, W=2, tgs=512)]),
+        ("down_pf", [dict(R=4, tgs=128), dict(R=2, tgs=128), dict(R=4, tgs=256), dict(R=2, tgs=256),
+                     dict(R=1, tgs=256), dict(R=2, tgs=512), dict(R=1, tgs=512)])),
 }
 
 

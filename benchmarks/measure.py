@@ -32,20 +32,26 @@ def warm_page_cache(paths: Sequence[Path]) -> None:
                 pass
 
 
-def host_to_device_gbps(nbytes: int, runs: int = 5) -> float:
+def host_to_device_gbps(nbytes: int, runs: int = 5, on_host: bool = False) -> float:
     """GB/s of moving ``nbytes`` written by the CPU into an MLX array to where the device reads
     them, as every streamed record travels (CPU write, then a device reduction over it). On a
-    discrete GPU with MLX CUDA's managed memory this is page migration; on the CPU, a memcpy."""
+    discrete GPU with MLX CUDA's managed memory this is page migration, or with ``on_host`` (as
+    the reader's buffers are kept) a read over the bus; on the CPU, a memcpy."""
+    from flash_moe.io import placement
+
     host = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dest = mx.zeros((nbytes,), dtype=mx.uint8)
     mx.eval(dest)
     view = np.array(dest, copy=False)
+    placed = on_host and placement.keep_on_host([view])
     times = []
     for _ in range(runs + 1):
         t0 = time.perf_counter()
         view[:] = host
         mx.eval(dest.view(mx.uint32).sum())
         times.append(time.perf_counter() - t0)
+    if placed:
+        placement.release([view])
     return nbytes / statistics.median(times[1:]) / 1e9
 
 
@@ -120,22 +126,27 @@ def median_runs(fn: Callable[[], Dict[str, float]], runs: int) -> Dict[str, floa
 
 
 class ReadLog:
-    """Wraps a reader's ``read`` to record (layer, experts) of every call: the proof that a
-    prompt chunk reads each expert at most once per layer."""
+    """Wraps a reader's ``read`` and ``submit`` to record (layer, experts) of every request: the
+    proof that a prompt chunk reads each expert at most once per layer."""
 
     def __init__(self, reader):
         self.reader, self.calls = reader, []
-        self._orig = reader.read
+        self._read, self._submit = reader.read, reader.submit
 
     def __enter__(self) -> "ReadLog":
-        def read(layer, experts, *args, **kwargs):
+        def read(layer, experts, into=None, *args, **kwargs):
+            if into is None:  # with ``into``, read goes through submit
+                self.calls.append((layer, [int(e) for e in experts]))
+            return self._read(layer, experts, into, *args, **kwargs)
+
+        def submit(layer, experts, *args, **kwargs):
             self.calls.append((layer, [int(e) for e in experts]))
-            return self._orig(layer, experts, *args, **kwargs)
-        self.reader.read = read
+            return self._submit(layer, experts, *args, **kwargs)
+        self.reader.read, self.reader.submit = read, submit
         return self
 
     def __exit__(self, *exc) -> None:
-        self.reader.read = self._orig
+        self.reader.read, self.reader.submit = self._read, self._submit
 
     def max_reads_per_expert_per_layer(self) -> int:
         counts: Dict[tuple, int] = {}

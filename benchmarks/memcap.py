@@ -66,7 +66,8 @@ def run_capped(limit: int, argv: List[str], timeout: float = 900) -> Dict:
     try:
         proc = subprocess.run(argv, preexec_fn=cap.join, capture_output=True, text=True, timeout=timeout)
         result: Dict = {"returncode": proc.returncode, "cgroup_peak": cap.peak(), "oom_kills": cap.oom_kills(),
-                        "cgroup": "v2" if cap.v2 else "v1", "stdout": proc.stdout[-4000:]}
+                        "cgroup": "v2" if cap.v2 else "v1", "stdout": proc.stdout[-4000:],
+                        "stderr_all": proc.stderr[-20000:]}
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode == 0 and lines:
             result.update(json.loads(lines[-1]))
@@ -75,6 +76,31 @@ def run_capped(limit: int, argv: List[str], timeout: float = 900) -> Dict:
         return result
     finally:
         cap.close()
+
+
+def own_usage() -> str:
+    """The calling process's RSS and its memory cgroup's usage (anon / file), for progress lines."""
+    def kb(field: str) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+        return 0
+    out = f"rss {kb('VmRSS') / 1024:.0f} MB"
+    groups = {}  # controller list -> path ("" is cgroup v2's unified line)
+    for line in open("/proc/self/cgroup").read().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            groups[c] = path.lstrip("/")
+    for base, usage, key in ((V1, "memory.usage_in_bytes", "memory"), (V2, "memory.current", "")):
+        rel = groups.get(key)
+        if rel is not None and (base / rel / usage).exists():
+            stat = dict(l.split() for l in (base / rel / "memory.stat").read_text().splitlines())
+            anon = int(stat.get("anon", stat.get("rss", 0)))
+            file = int(stat.get("file", stat.get("cache", 0)))
+            out += (f", cgroup {int((base / rel / usage).read_text()) / 1e6:.0f} MB "
+                    f"(anon {anon / 1e6:.0f}, file {file / 1e6:.0f})")
+            break
+    return out
 
 
 def child_argv(*args: str) -> List[str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import List, Optional, Tuple
 
+import mlx.core as mx
 import numpy as np
 
 from .io.format import ExpertLayout
-from .io.reader import ExpertReader
+from .io.reader import ExpertReader, PendingRead
 from .io.records import RecordArrays
 from .kernels.reference import ExpertWeights
 
@@ -20,7 +21,8 @@ class DiskExperts:
     cache (``cache_bytes`` > 0) is a fixed set of slots in such arrays, least recently used
     out first: a hit costs nothing (no read, no copy: the kernels index the slot), and on a
     discrete GPU the slot stays in device memory, which the OS page cache cannot offer. On
-    the CPU or a Mac's unified memory it is an in-RAM cache that skips the read.
+    the CPU or a Mac's unified memory it is an in-RAM cache that skips the read. Without a
+    cache, records are read into host memory that a discrete GPU reads over the bus, once.
     """
 
     def __init__(self, reader: ExpertReader, cache_bytes: int = 0):
@@ -30,23 +32,46 @@ class DiskExperts:
         # Two sets of read destinations used in turn (a layer's records stay intact while the
         # next layer's are read); grown to the largest request.
         self._ring: List[Optional[RecordArrays]] = [None, None]
+        self._in_use: List[Optional[mx.array]] = [None, None]  # what last computed from each set
         self._turn = 0
+        self._last: Optional[int] = None  # the set the last fetch read into (None: the cache)
         self._cache = RecordArrays(self.layout, self.slots) if self.slots else None
         self._slot_of: "OrderedDict[tuple, int]" = OrderedDict()  # (layer, expert) -> slot, LRU first
         self._free = list(range(self.slots))
 
     def fetch(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, np.ndarray]:
         """Weights holding ``experts`` of MoE layer ``layer``, and the row of each in them."""
+        weights, rows, pending = self.fetch_streamed(layer, experts)
+        if pending is not None:
+            pending.finish()
+        return weights, rows
+
+    def fetch_streamed(self, layer: int, experts: np.ndarray
+                       ) -> Tuple[ExpertWeights, np.ndarray, Optional[PendingRead]]:
+        """As ``fetch``, but returns while the records are still being read:
+        ``pending.wait(positions)`` before computing with those experts, ``pending.finish()``
+        at the end. ``pending`` is None when the cache served them."""
         experts = np.asarray(experts, dtype=np.int64)
         if self._cache is not None and len(experts) <= self.slots:
-            return self._fetch_cached(layer, experts)
+            self._last = None
+            return (*self._fetch_cached(layer, experts), None)
         i, self._turn = self._turn, self._turn ^ 1
+        self._last = i
+        if self._in_use[i] is not None:  # a computation still reading this set must end first
+            mx.eval(self._in_use[i])
+            self._in_use[i] = None
         if self._ring[i] is None or self._ring[i].rows < len(experts):
             self._ring[i] = None  # free the old arrays before allocating the larger ones
-            self._ring[i] = RecordArrays(self.layout, len(experts))
+            self._ring[i] = RecordArrays(self.layout, len(experts), on_host=True)
         dest = self._ring[i]
-        self.reader.read(layer, experts, into=dest.views)
-        return dest.weights(len(experts)), np.arange(len(experts))
+        pending = self.reader.submit(layer, experts, dest.views)
+        return dest.weights(len(experts)), np.arange(len(experts)), pending
+
+    def in_use(self, out: mx.array) -> None:
+        """``out`` computes from the records of the last fetch: their set is not rewritten
+        before it is evaluated."""
+        if self._last is not None:
+            self._in_use[self._last] = out
 
     def _fetch_cached(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, np.ndarray]:
         keys = [(layer, int(e)) for e in experts]
@@ -82,7 +107,10 @@ class ResidentExperts:
     """Every expert of every layer read once into memory, indexed by global expert id.
 
     The reference the streaming path is tested against, and the mode for models that fit.
+    The MoE layer needs no host sync with it (``holds_all``): nothing is read per token.
     """
+
+    holds_all = True
 
     def __init__(self, reader: ExpertReader):
         n = reader.manifest.num_experts
@@ -92,5 +120,5 @@ class ResidentExperts:
             reader.read(layer, range(n), into=arrays.views)
             self._weights[layer] = arrays.weights()
 
-    def fetch(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, None]:
+    def fetch(self, layer: int, experts: Optional[np.ndarray]) -> Tuple[ExpertWeights, None]:
         return self._weights[layer], None  # rows are the expert ids themselves

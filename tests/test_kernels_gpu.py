@@ -159,20 +159,49 @@ def test_tiny_model_end_to_end(packed, request):
     assert mx.abs(ours - ref).max().item() < 1e-3
 
 
-def through_records(w: ExpertWeights) -> ExpertWeights:
-    """The same experts packed into records and unpacked as the loader does (into RecordArrays)."""
+def pack_records(w: ExpertWeights):
+    """The layout and the packed records (one row each) of these experts, as conversion writes them."""
     from flash_moe.io.format import ExpertLayout
-    from flash_moe.io.records import RecordArrays, mx_dtype_name, pack_record
+    from flash_moe.io.records import mx_dtype_name, pack_record
 
     U = w.gate.weight.shape[0]
     per = [{f"{p}.{f}": getattr(getattr(w, p), a)[u] for p in ("gate", "up", "down")
             for f, a in (("weight", "weight"), ("scales", "scales"), ("biases", "biases"))} for u in range(U)]
     layout = ExpertLayout.build({k: v.shape for k, v in per[0].items()}, {k: mx_dtype_name(v) for k, v in per[0].items()},
                                 bits=w.bits, group_size=w.group_size, alignment=4096)
-    records = np.stack([np.frombuffer(pack_record(t, layout), dtype=np.uint8) for t in per])
-    arrays = RecordArrays(layout, U)
-    layout.scatter(records, arrays.views, np.arange(U))
+    return layout, np.stack([np.frombuffer(pack_record(t, layout), dtype=np.uint8) for t in per])
+
+
+def through_records(w: ExpertWeights) -> ExpertWeights:
+    """The same experts packed into records and unpacked as the loader does (into RecordArrays)."""
+    from flash_moe.io.records import RecordArrays
+
+    layout, records = pack_records(w)
+    arrays = RecordArrays(layout, len(records))
+    layout.scatter(records, arrays.views, np.arange(len(records)))
     return arrays.weights()
+
+
+def test_host_kept_read_buffers_see_every_write():
+    """The streaming read buffers (kept in host memory on CUDA, read by the GPU over the bus):
+    the placement applies, and the kernels see each new set of records written into the same
+    buffers, as the two-set ring reuses them layer after layer."""
+    from flash_moe.io.records import RecordArrays
+
+    U, k = 6, 4
+    sets = [experts(U, 4, seed=40 + i) for i in range(3)]
+    packed = [pack_records(w) for w in sets]
+    layout = packed[0][0]
+    dest = RecordArrays(layout, U, on_host=True)
+    assert dest.on_host == (K.active_backend() == "cuda")
+    x = mx.random.normal((1, H))
+    inds, scores = routing(1, k, U, seed=3)
+    for w, (_, records) in zip(sets + sets[:1], packed + packed[:1]):
+        layout.scatter(records, dest.views, np.arange(U))
+        y = K.expert_mlp(x, dest.weights(), inds, scores)
+        ref = reference.expert_mlp(x, upcast(w), inds, scores)
+        mx.eval(y, ref)
+        assert rel(y, ref) < 1e-4
 
 
 @pytest.mark.parametrize("source", ["quantize", "records"])

@@ -221,6 +221,20 @@ def test_failed_read_leaves_no_cache_entry(packed4, copy_of):
         mx.eval(model(mx.array([[1, 2, 3]])))
 
 
+def test_host_placement_is_a_no_op_off_cuda(packed4, recwarn):
+    """Keeping read buffers on the host is a CUDA managed-memory matter: elsewhere nothing is
+    advised, nothing warns, and the buffers work as any other."""
+    from flash_moe.io import placement
+    from flash_moe.io.records import RecordArrays
+
+    if placement.on_cuda():
+        pytest.skip("covered on the GPU by test_host_kept_read_buffers_see_every_write")
+    dest = RecordArrays(load_manifest(packed4).layout, 2, on_host=True)
+    assert dest.on_host is False
+    assert placement.keep_on_host(dest.views) is False
+    assert not [w for w in recwarn if "flash-moe" in str(w.message)]
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_reads_land_in_place(packed4, direct):
     """Scattered reads into per-tensor arrays give the same bytes as the record buffer."""
@@ -241,3 +255,90 @@ def test_reads_land_in_place(packed4, direct):
     w = dest.weights()  # the MLX arrays see the same memory
     assert np.array_equal(np.array(w.gate.weight[4]).view(np.uint8).ravel(),
                           whole[0, m.layout.slot("gate.weight").offset:][: m.layout.slot("gate.weight").nbytes])
+
+
+@pytest.mark.parametrize("threads", [6, 16])
+def test_records_split_across_threads_land_whole(packed4, monkeypatch, threads):
+    """Records cut into pieces that several threads read (pieces crossing tensor and padding
+    boundaries) arrive byte-identical to whole-record reads."""
+    from flash_moe.io import reader as reader_mod
+    from flash_moe.io.records import RecordArrays
+
+    monkeypatch.setattr(reader_mod, "MIN_STRIPE", 1000)  # tiny records: force many pieces
+    m = load_manifest(packed4)
+    whole = np.array(reader_mod.ExpertReader(packed4, m).read(1, [7, 0, 3]))
+    reader = reader_mod.ExpertReader(packed4, m, threads=threads, check="never")
+    pieces = []
+    orig = reader._read_views
+    monkeypatch.setattr(reader, "_read_views", lambda *a: (pieces.append(a), orig(*a)))
+    dest = RecordArrays(m.layout, 3)
+    pending = reader.submit(1, [7, 0, 3], dest.views)
+    pending.wait([0])
+    pending.finish()
+    assert len(pieces) == 3 * -(-threads // 3)  # enough pieces to keep every thread busy
+    for slot, view in zip(m.layout.tensors, dest.views):
+        assert np.array_equal(view, whole[:, slot.offset: slot.offset + slot.nbytes]), slot.name
+    assert reader.stats.reads == 3 and reader.stats.bytes == 3 * m.layout.record_size
+
+
+def test_read_error_in_a_piece_surfaces_after_every_piece_stopped(packed4, monkeypatch):
+    """A failing piece raises from ``wait`` with the file named, and only once no thread of the
+    request still writes into the destination."""
+    import threading
+    import time
+
+    from flash_moe.io import reader as reader_mod
+    from flash_moe.io.records import RecordArrays
+
+    monkeypatch.setattr(reader_mod, "MIN_STRIPE", 1000)
+    m = load_manifest(packed4)
+    reader = reader_mod.ExpertReader(packed4, m, threads=4, check="never")
+    real, running = reader_mod.os.preadv, []
+
+    def flaky(fd, buffers, offset):
+        running.append(threading.get_ident())
+        try:
+            if offset >= m.layout.record_size * 5:  # the second record (expert 5) fails
+                raise OSError(5, "Input/output error")
+            time.sleep(0.01)
+            return real(fd, buffers, offset)
+        finally:
+            running.remove(threading.get_ident())
+
+    monkeypatch.setattr(reader_mod.os, "preadv", flaky)
+    pending = reader.submit(0, [1, 5, 6], RecordArrays(m.layout, 3).views)
+    with pytest.raises(ModelFormatError, match=r"layer_000\.bin: read error at byte"):
+        pending.wait([0, 1, 2])
+    assert running == []
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_experts_computed_as_they_land_match_all_at_once(packed4, chunks):
+    """Decode with each token's experts computed in groups as their records land (the default)
+    gives the logits of computing them after every read, and of resident experts."""
+    resident, _ = flash_moe.load(packed4, resident_experts=True)
+    ref = decode(resident)
+    model, _ = flash_moe.load(packed4)
+    for block in model.moe_blocks():
+        block.read_chunks = chunks
+    calls = spy_reads(model)
+    out = decode(model)
+    assert mx.abs(out - ref).max().item() < 1e-5
+    assert all(len(set(e)) == len(e) for _, e in calls)  # each expert read once per step
+
+
+def test_resident_experts_need_no_host_sync(packed4, monkeypatch):
+    """With every expert in memory the MoE layer hands the router's indices to the kernels
+    without learning them on the host (no per-layer sync), and reads nothing per token."""
+    from flash_moe.models.moe import StreamingMoE
+
+    model, _ = flash_moe.load(packed4, resident_experts=True)
+    before = model.expert_reader.stats.copy()
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("the resident path went through the host-side routing")
+
+    monkeypatch.setattr(StreamingMoE, "_routed_from_source", no_sync)
+    out = decode(model, steps=2)
+    assert not mx.isnan(out).any().item()
+    assert (model.expert_reader.stats - before).reads == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import sys
 import time
@@ -9,7 +10,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,13 +49,60 @@ class IOStats:
                        self.seconds - other.seconds)
 
 
+# Smallest piece of a record one thread reads when a record is split across threads.
+MIN_STRIPE = 256 * 1024
+
+
+class _Done:
+    """A finished task, for reads that ran on the calling thread."""
+
+    def result(self) -> None:
+        return None
+
+
+class PendingRead:
+    """Records being read into their destination arrays, in the order they were asked for.
+
+    The pool's threads take the pieces first in, first out, so the first records tend to land
+    first: the caller can start computing with them (``wait``) while later ones are read.
+    """
+
+    def __init__(self, reader: "ExpertReader", layer: int, futures: List[list], t0: float):
+        self._reader, self._layer, self._futures, self._t0 = reader, layer, futures, t0
+        self._finished = False
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def wait(self, records: Iterable[int]) -> None:
+        """Block until the records at these positions have landed (a read error raises here,
+        once no thread of this request writes any more)."""
+        try:
+            for j in records:
+                for f in self._futures[j]:
+                    f.result()
+        except BaseException:
+            concurrent.futures.wait([f for fs in self._futures for f in fs if not isinstance(f, _Done)])
+            self._finished = True
+            raise
+
+    def finish(self) -> None:
+        """Wait for every record and count the request in the reader's statistics."""
+        if self._finished:
+            return
+        self.wait(range(len(self._futures)))
+        self._finished = True
+        self._reader._count(self._layer, len(self._futures), time.perf_counter() - self._t0)
+
+
 class ExpertReader:
     """Reads expert records of a packed model with a pool of threads.
 
     Args:
         model_dir: the packed model directory.
         manifest: its manifest (``load_manifest``).
-        threads: reads in flight at once; each record is one ``pread``.
+        threads: reads in flight at once; a record is one ``preadv``, or is split across
+            threads (pieces of at least 256 KB) when a request has fewer records than threads.
         check: "first" verifies a record's CRC-32 the first time this process reads it,
             "always" on every read, "never" trusts the files.
         direct: open the files with O_DIRECT (Linux) / F_NOCACHE (macOS) to bypass the page cache.
@@ -74,6 +122,7 @@ class ExpertReader:
         self._checksums = {e.layer: e.checksums for e in manifest.layers}
         self._verified = {e.layer: np.zeros(manifest.num_experts, dtype=bool) for e in manifest.layers}
         self._fds = {layer: self._open(path) for layer, path in self._paths.items()}
+        self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flash-moe-io") if threads > 1 else None
         self._buffers = [aligned_buffer(0), aligned_buffer(0)]  # ring of two: one in use, one being filled
         # The record as (offset, nbytes) pieces in file order: the tensors, and the padding
@@ -121,9 +170,10 @@ class ExpertReader:
     def _read_raw(self, layer: int, expert: int, out: np.ndarray) -> None:
         self._read_views(layer, expert, [memoryview(out)])
 
-    def _read_views(self, layer: int, expert: int, views: List[memoryview]) -> None:
-        """The record of ``expert`` into ``views`` in order (their sizes add up to a record)."""
-        fd, size, offset = self._fds[layer], self.record_size, expert * self.record_size
+    def _read_views(self, layer: int, expert: int, views: List[memoryview], start: int = 0) -> None:
+        """Bytes ``start``.. of the record of ``expert`` into ``views`` in order (by default
+        the whole record: their sizes add up to it)."""
+        fd, size, offset = self._fds[layer], sum(v.nbytes for v in views), expert * self.record_size + start
         done = 0
         while done < size:  # a short read resumes where it stopped
             start, skip = 0, done
@@ -142,8 +192,9 @@ class ExpertReader:
                                        "Re-run `flash-moe convert`.")
             done += got
 
-    def _read_scattered(self, layer: int, expert: int, row: int, into: Sequence[np.ndarray]) -> None:
-        """One record straight into row ``row`` of each tensor's destination (one ``preadv``)."""
+    def _record_views(self, row: int, into: Sequence[np.ndarray]) -> List[memoryview]:
+        """The record's pieces in file order: row ``row`` of each tensor's destination, and a
+        scratch buffer for the padding between them."""
         scratch = memoryview(np.empty(self._padding, dtype=np.uint8))
         views, used = [], 0
         for _, nbytes, i in self._pieces:
@@ -152,12 +203,37 @@ class ExpertReader:
                 used += nbytes
             else:
                 views.append(memoryview(into[i][row]).cast("B"))
+        return views
+
+    def _needs_check(self, layer: int, expert: int) -> bool:
+        return self.check == "always" or (self.check == "first" and not self._verified[layer][expert])
+
+    def _read_scattered(self, layer: int, expert: int, row: int, into: Sequence[np.ndarray]) -> None:
+        """One record straight into row ``row`` of each tensor's destination (one ``preadv``)."""
+        views = self._record_views(row, into)
         self._read_views(layer, expert, views)
-        if self.check == "always" or (self.check == "first" and not self._verified[layer][expert]):
+        if self._needs_check(layer, expert):
             crc = 0
             for v in views:
                 crc = zlib.crc32(v, crc)
             self._check_crc(layer, expert, crc)
+
+    def _stripes(self, views: List[memoryview], n: int) -> List[Tuple[int, List[memoryview]]]:
+        """Cut a record's views into ``n`` consecutive byte ranges: [(start, views)]."""
+        bounds = [self.record_size * i // n for i in range(n + 1)]
+        out, at, vi, skip = [], 0, 0, 0
+        for end in bounds[1:]:
+            start, part = at, []
+            while at < end:
+                v = views[vi]
+                take = min(v.nbytes - skip, end - at)
+                part.append(v[skip: skip + take])
+                at += take
+                skip += take
+                if skip == v.nbytes:
+                    vi, skip = vi + 1, 0
+            out.append((start, part))
+        return out
 
     def _verify(self, layer: int, expert: int, record: np.ndarray) -> None:
         self._check_crc(layer, expert, zlib.crc32(record))
@@ -183,29 +259,59 @@ class ExpertReader:
         the row of each expert instead); returns None. With direct reads (whose buffers must be
         aligned) the records pass through the aligned buffer.
         """
+        if into is not None:
+            self.submit(layer, experts, into, rows).finish()
+            return None
+        t0 = time.perf_counter()
+        out = self._buffer(len(experts))
+        self._run([(self._read_one, layer, int(e), out[j]) for j, e in enumerate(experts)])
+        self._count(layer, len(experts), time.perf_counter() - t0)
+        return out
+
+    def submit(self, layer: int, experts: Sequence[int], into: Sequence[np.ndarray],
+               rows: Optional[Sequence[int]] = None) -> PendingRead:
+        """Start reading ``experts`` into ``into`` (as ``read`` does) and return at once.
+
+        Records are queued in order, each split into just enough pieces (of at least 256 KB)
+        to keep every thread busy; the first ones land first, so the caller can compute with
+        them (``PendingRead.wait``) while the rest are read. Records whose CRC is due are read
+        whole (the check needs all of it). Direct reads run to the end before this returns.
+        """
         experts = [int(e) for e in experts]
         rows = list(range(len(experts))) if rows is None else [int(r) for r in rows]
         t0 = time.perf_counter()
-        if into is not None and not self.direct:
-            out = None
-            self._run([(self._read_scattered, layer, e, r, into) for e, r in zip(experts, rows)])
-        else:
+        if self.direct:
             out = self._buffer(len(experts))
             self._run([(self._read_one, layer, e, out[j]) for j, e in enumerate(experts)])
-            if into is not None:
-                self.manifest.layout.scatter(out, into, rows)
-                out = None
-        seconds = time.perf_counter() - t0
-        nbytes = len(experts) * self.record_size
+            self.manifest.layout.scatter(out, into, rows)
+            return PendingRead(self, layer, [[_Done()] for _ in experts], t0)
+        # More pieces per record than that measured slower (threads contend on one file range).
+        stripes = max(1, min(-(-self.threads // max(1, len(experts))), self.record_size // MIN_STRIPE))
+        futures = []
+        for e, r in zip(experts, rows):
+            if self._pool is None or self._needs_check(layer, e) or stripes == 1:
+                tasks = [(self._read_scattered, layer, e, r, into)]
+            else:
+                tasks = [(self._read_views, layer, e, part, start)
+                         for start, part in self._stripes(self._record_views(r, into), stripes)]
+            if self._pool is None:
+                for fn, *args in tasks:
+                    fn(*args)
+                futures.append([_Done()])
+            else:
+                futures.append([self._pool.submit(*t) for t in tasks])
+        return PendingRead(self, layer, futures, t0)
+
+    def _count(self, layer: int, records: int, seconds: float) -> None:
+        nbytes = records * self.record_size
         s = self.stats
-        s.reads += len(experts)
+        s.reads += records
         s.bytes += nbytes
         s.seconds += seconds
         layer_stats = s.per_layer.setdefault(layer, [0, 0, 0.0])
-        layer_stats[0] += len(experts)
+        layer_stats[0] += records
         layer_stats[1] += nbytes
         layer_stats[2] += seconds
-        return out
 
     def _run(self, tasks: list) -> None:
         if self._pool is None or len(tasks) <= 1:

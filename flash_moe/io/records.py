@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from ..kernels.reference import ExpertWeights, Projection
+from . import placement
 from .format import ExpertLayout
 
 PROJECTIONS = ("gate", "up", "down")
@@ -50,9 +52,12 @@ class RecordArrays:
     and no copy inside MLX. Writing is only safe while no pending MLX computation reads the
     rows being written; the MoE layer guarantees it (its host sync on the router's choice
     comes after the previous layer's experts have been computed).
+
+    ``on_host``: on MLX CUDA, keep the memory in host RAM and let the GPU read it over the bus
+    (for records read once per use; see ``placement``). Elsewhere it changes nothing.
     """
 
-    def __init__(self, layout: ExpertLayout, rows: int):
+    def __init__(self, layout: ExpertLayout, rows: int, on_host: bool = False):
         self.layout, self.rows = layout, rows
         raw = [mx.zeros((rows, slot.nbytes), dtype=mx.uint8) for slot in layout.tensors]
         typed = [r.view(MX_DTYPES[slot.dtype]).reshape(rows, *slot.shape) for r, slot in zip(raw, layout.tensors)]
@@ -61,6 +66,9 @@ class RecordArrays:
         if any(not v.flags.writeable for v in self.views):
             raise RuntimeError("this MLX build gives read-only views of its arrays")
         self._raw, self._typed = raw, dict(zip((s.name for s in layout.tensors), typed))
+        self.on_host = on_host and placement.keep_on_host(self.views)
+        if self.on_host:
+            weakref.finalize(self, placement.release, self.views)
 
     def weights(self, n: Optional[int] = None) -> ExpertWeights:
         """The first ``n`` rows (default: all) as stacked expert weights."""

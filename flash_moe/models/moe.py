@@ -69,6 +69,9 @@ class StreamingMoE(nn.Module):
         self._next: Optional["StreamingMoE"] = None
         self._predicted: Optional[np.ndarray] = None
         self.prediction_counts = [0, 0]  # [predicted experts that were needed, experts needed]
+        # A decode step's experts are computed in this many groups, each as soon as its records
+        # have landed, while the rest are still read (sources that stream: DiskExperts).
+        self.read_chunks = 4
 
     def route(self, x: mx.array):
         """Top-k expert indices and their (renormalised) softmax weights."""
@@ -92,30 +95,14 @@ class StreamingMoE(nn.Module):
             shared_gate = self.shared_expert_gate(x2) if hasattr(self, "shared_expert_gate") else None
             mx.async_eval(shared)
 
-        # The one host sync of the layer: which experts to read.
         if self._source is None:
             raise RuntimeError("no expert source attached: load models with flash_moe.load()")
-        nxt = self._next
-        if nxt is not None:  # the guess rides on the same sync (softmax keeps the order: skip it)
-            guess = mx.argpartition(nxt.gate(x2), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k:]
-            mx.eval(inds, guess)
-        host_inds = np.array(inds)
-        needed, local = np.unique(host_inds, return_inverse=True)
-        if self._predicted is not None:
-            self.prediction_counts[0] += int(np.isin(needed, self._predicted).sum())
-            self.prediction_counts[1] += len(needed)
-            self._predicted = None
-        group = max(self.max_fetch, self.top_k)  # a decode step's k records always go together
-        if not self.max_fetch or len(needed) <= group:
-            weights, rows = self._source.fetch(self.layer, needed)
-            if nxt is not None and hasattr(self._source, "prefetch"):  # after our reads: they come first
-                nxt._predicted = np.unique(np.array(guess))
-                self._source.prefetch(nxt.layer, nxt._predicted)
-            # Resident weights take the router's indices as they are, with no upload.
-            local = inds if rows is None else mx.array(rows[local].reshape(host_inds.shape).astype(np.int32))
-            y = kernels.expert_mlp(x2, weights, local, scores)
+        if getattr(self._source, "holds_all", False):
+            # Every expert in memory: nothing to read, so no host sync; the router's indices
+            # go to the kernels as they are.
+            y = kernels.expert_mlp(x2, self._source.fetch(self.layer, None)[0], inds, scores)
         else:
-            y = self._grouped_experts(x2, scores, needed, local.reshape(host_inds.shape), group)
+            y = self._routed_from_source(x2, inds, scores)
 
         res = None if residual is None else residual.reshape(y.shape)
         if shared is not None and shared_gate is not None:
@@ -127,6 +114,57 @@ class StreamingMoE(nn.Module):
         # layer's graph, up to that layer's router sync.
         mx.async_eval(out)
         return out.reshape(shape)
+
+    def _routed_from_source(self, x2: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
+        """The routed experts' weighted sum, after the one host sync of the layer: which
+        experts to read."""
+        nxt = self._next
+        if nxt is not None:  # the guess rides on the same sync (softmax keeps the order: skip it)
+            guess = mx.argpartition(nxt.gate(x2), kth=-nxt.top_k, axis=-1)[..., -nxt.top_k:]
+            mx.eval(inds, guess)
+        host_inds = np.array(inds)
+        needed, local = np.unique(host_inds, return_inverse=True)
+        if self._predicted is not None:
+            self.prediction_counts[0] += int(np.isin(needed, self._predicted).sum())
+            self.prediction_counts[1] += len(needed)
+            self._predicted = None
+        group = max(self.max_fetch, self.top_k)  # a decode step's k records always go together
+        if x2.shape[0] == 1 and self.read_chunks > 1 and hasattr(self._source, "fetch_streamed"):
+            y = self._experts_as_they_land(x2, scores, needed, local.reshape(-1))
+            self._prefetch_next(nxt, guess if nxt is not None else None)
+            return y
+        if not self.max_fetch or len(needed) <= group:
+            weights, rows = self._source.fetch(self.layer, needed)
+            self._prefetch_next(nxt, guess if nxt is not None else None)
+            # Weights that hold every expert take the router's indices as they are.
+            local = inds if rows is None else mx.array(rows[local].reshape(host_inds.shape).astype(np.int32))
+            return kernels.expert_mlp(x2, weights, local, scores)
+        return self._grouped_experts(x2, scores, needed, local.reshape(host_inds.shape), group)
+
+    def _prefetch_next(self, nxt: Optional["StreamingMoE"], guess: Optional[mx.array]) -> None:
+        if nxt is not None and hasattr(self._source, "prefetch"):  # after our reads: they come first
+            nxt._predicted = np.unique(np.array(guess))
+            self._source.prefetch(nxt.layer, nxt._predicted)
+
+    def _experts_as_they_land(self, x2: mx.array, scores: mx.array, needed: np.ndarray,
+                              local: np.ndarray) -> mx.array:
+        """One token's routed experts, computed in ``read_chunks`` groups: each group starts on
+        the device as soon as its records are in, while the reader works on the next ones."""
+        weights, rows, pending = self._source.fetch_streamed(self.layer, needed)
+        chunks = 1 if pending is None else min(self.read_chunks, len(needed))  # cache hits: all at once
+        y = None
+        for part in np.array_split(np.arange(len(needed)), chunks):
+            if pending is not None:
+                pending.wait(part)
+            slots = np.nonzero((local >= part[0]) & (local <= part[-1]))[0]  # the top-k slots it serves
+            at = mx.array(rows[local[slots]][None].astype(np.int32))
+            part_y = kernels.expert_mlp(x2, weights, at, scores[:, mx.array(slots.astype(np.int32))])
+            y = part_y if y is None else y + part_y
+            mx.async_eval(y)
+        if pending is not None:
+            pending.finish()
+        self._source.in_use(y)
+        return y
 
     def _grouped_experts(self, x2: mx.array, scores: mx.array, needed: np.ndarray, local: np.ndarray,
                          size: int) -> mx.array:

@@ -1,0 +1,85 @@
+"""Where record arrays live on MLX's CUDA backend (a no-op everywhere else).
+
+MLX CUDA allocates every array in managed memory. A record the CPU writes and the GPU then
+reads migrates a page at a time on the GPU's faults, and back again on the next CPU write:
+measured on an H200 host, that cycle moves 2.7 GB/s. Streamed records are read by the GPU once,
+so they are better kept in host memory with the GPU mapped to read them over the bus: the same
+cycle then moves 8.2 GB/s, the GPU's read alone 37 GB/s (benchmarks/KERNELS_NOTES.md,
+"Host-resident read buffers"). On the CPU and on Apple's unified memory there is nothing to do.
+
+The driver is reached through ``libcuda`` with ctypes: MLX exposes no memory advice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+from typing import Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+_SET_PREFERRED_LOCATION, _UNSET_PREFERRED_LOCATION = 3, 4
+_SET_ACCESSED_BY, _UNSET_ACCESSED_BY = 5, 6
+_LOCATION_DEVICE, _LOCATION_HOST = 1, 2
+
+
+class _Location(ctypes.Structure):  # CUmemLocation
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+def on_cuda() -> bool:
+    """True when MLX computes on an NVIDIA GPU (managed memory shared with the host)."""
+    cuda = getattr(mx, "cuda", None)
+    return (mx.default_device().type == mx.DeviceType.gpu and not mx.metal.is_available()
+            and cuda is not None and cuda.is_available())
+
+
+@functools.lru_cache(maxsize=1)
+def _driver() -> Optional[Tuple[ctypes.CDLL, ctypes.c_void_p]]:
+    """libcuda and the primary context MLX runs in, or None (with one warning) if unusable."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuMemAdvise_v2.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
+        device, ctx = ctypes.c_int(), ctypes.c_void_p()
+        if lib.cuDeviceGet(ctypes.byref(device), 0) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device):
+            raise OSError("no CUDA device 0 or its primary context")
+        return lib, ctx
+    except (OSError, AttributeError) as exc:
+        warnings.warn(f"flash-moe: cannot advise the CUDA driver on memory placement ({exc}); "
+                      "streamed records will migrate page by page (slower, still correct)")
+        return None
+
+
+def _advise(views: Sequence[np.ndarray], advice: Sequence[Tuple[int, int]]) -> bool:
+    driver = _driver()
+    if driver is None:
+        return False
+    lib, ctx = driver
+    lib.cuCtxSetCurrent(ctx)  # the context is per thread; MLX made it current only on its own
+    for view in views:
+        for code, location in advice:
+            rc = lib.cuMemAdvise_v2(view.ctypes.data, view.nbytes, code, _Location(location, 0))
+            if rc:
+                warnings.warn(f"flash-moe: cuMemAdvise({code}) failed with CUDA error {rc}; "
+                              "streamed records will migrate page by page (slower, still correct)")
+                return False
+    return True
+
+
+def keep_on_host(views: Sequence[np.ndarray]) -> bool:
+    """Keep the memory behind these views (of MLX arrays) in host RAM, mapped for the GPU.
+
+    Returns True if the advice was applied (MLX CUDA), False where it does not apply or when
+    the environment sets ``FLASH_MOE_HOST_READ_BUFFERS=0``.
+    """
+    if not on_cuda() or os.environ.get("FLASH_MOE_HOST_READ_BUFFERS", "1") == "0":
+        return False
+    return _advise(views, [(_SET_PREFERRED_LOCATION, _LOCATION_HOST), (_SET_ACCESSED_BY, _LOCATION_DEVICE)])
+
+
+def release(views: Sequence[np.ndarray]) -> None:
+    """Undo ``keep_on_host`` before MLX recycles the memory for other arrays."""
+    _advise(views, [(_UNSET_PREFERRED_LOCATION, _LOCATION_HOST), (_UNSET_ACCESSED_BY, _LOCATION_DEVICE)])
