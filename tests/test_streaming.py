@@ -313,18 +313,43 @@ def test_read_error_in_a_piece_surfaces_after_every_piece_stopped(packed4, monke
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 4])
-def test_experts_computed_as_they_land_match_all_at_once(packed4, chunks):
+def test_experts_computed_as_they_land_match_all_at_once(packed4, chunks, monkeypatch):
     """Decode with each token's experts computed in groups as their records land (the default)
     gives the logits of computing them after every read, and of resident experts."""
     resident, _ = flash_moe.load(packed4, resident_experts=True)
     ref = decode(resident)
     model, _ = flash_moe.load(packed4)
     for block in model.moe_blocks():
-        block.read_chunks = chunks
+        block.read_chunks, block.chunk_min_bytes = chunks, 0  # tiny records: force the groups
     calls = spy_reads(model)
     out = decode(model)
     assert mx.abs(out - ref).max().item() < 1e-5
     assert all(len(set(e)) == len(e) for _, e in calls)  # each expert read once per step
+
+    blocks = len(model.moe_blocks())
+    expected = [1, 1] * blocks if chunks > 1 else [2] * blocks  # k=2 experts per layer
+    assert expert_groups_of_one_step(model, monkeypatch) == expected
+
+
+def expert_groups_of_one_step(model, monkeypatch) -> list:
+    """The number of (token, expert) pairs of each expert computation in one decode step."""
+    from flash_moe.models import moe
+
+    launches = []
+    real = moe.kernels.expert_mlp
+    monkeypatch.setattr(moe.kernels, "expert_mlp", lambda *a: (launches.append(a[2].size), real(*a))[1])
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[5, 17]]), cache=cache))
+    launches.clear()
+    mx.eval(model(mx.array([[9]]), cache=cache))
+    return launches
+
+
+def test_small_reads_are_not_split_into_groups(packed4, monkeypatch):
+    """Below chunk_min_bytes a step's experts run as one group (the groups' extra evaluations
+    would cost more than the overlap saves)."""
+    model, _ = flash_moe.load(packed4)
+    assert expert_groups_of_one_step(model, monkeypatch) == [2] * len(model.moe_blocks())
 
 
 def test_resident_experts_need_no_host_sync(packed4, monkeypatch):

@@ -74,6 +74,10 @@ class PendingRead:
     def __len__(self) -> int:
         return len(self._futures)
 
+    @property
+    def nbytes(self) -> int:
+        return len(self._futures) * self._reader.record_size
+
     def wait(self, records: Iterable[int]) -> None:
         """Block until the records at these positions have landed (a read error raises here,
         once no thread of this request writes any more)."""
