@@ -17,7 +17,12 @@ from ..kernels.reference import ExpertWeights
 
 
 class ExpertSource(Protocol):
-    """Where a MoE layer's expert weights come from."""
+    """Where a MoE layer's expert weights come from.
+
+    Optional parts: ``holds_all = True`` (every expert in memory: the layer skips its host
+    sync), ``fetch_streamed`` / ``in_use`` (records still landing: ``DiskExperts``) and
+    ``prefetch`` (next-layer reads started early).
+    """
 
     def fetch(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, Optional[np.ndarray]]:
         """Stacked weights that hold ``experts`` (sorted, unique) of MoE layer ``layer``, and
