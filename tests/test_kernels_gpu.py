@@ -14,7 +14,7 @@ from flash_moe.kernels.reference import ExpertWeights, Projection
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(K._gpu_target() is None, reason="no MLX GPU backend (Metal or CUDA)"),
+    pytest.mark.skipif(K.gpu_target() is None, reason="no MLX GPU backend (Metal or CUDA)"),
 ]
 
 H, I = 4096, 1024  # Qwen3.5-397B-A17B hidden and expert sizes

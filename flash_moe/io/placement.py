@@ -19,8 +19,9 @@ import os
 import warnings
 from typing import Optional, Sequence, Tuple
 
-import mlx.core as mx
 import numpy as np
+
+from ..kernels import gpu_target
 
 _SET_PREFERRED_LOCATION, _UNSET_PREFERRED_LOCATION = 3, 4
 _SET_ACCESSED_BY, _UNSET_ACCESSED_BY = 5, 6
@@ -33,9 +34,7 @@ class _Location(ctypes.Structure):  # CUmemLocation
 
 def on_cuda() -> bool:
     """True when MLX computes on an NVIDIA GPU (managed memory shared with the host)."""
-    cuda = getattr(mx, "cuda", None)
-    return (mx.default_device().type == mx.DeviceType.gpu and not mx.metal.is_available()
-            and cuda is not None and cuda.is_available())
+    return gpu_target() == "cuda"
 
 
 @functools.lru_cache(maxsize=1)

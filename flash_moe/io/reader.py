@@ -71,9 +71,6 @@ class PendingRead:
         self._reader, self._layer, self._futures, self._t0 = reader, layer, futures, t0
         self._finished = False
 
-    def __len__(self) -> int:
-        return len(self._futures)
-
     @property
     def nbytes(self) -> int:
         return len(self._futures) * self._reader.record_size

@@ -49,7 +49,8 @@ def set_backend(mode: str) -> None:
     _forced = mode
 
 
-def _gpu_target() -> Optional[str]:
+def gpu_target() -> Optional[str]:
+    """``"metal"`` or ``"cuda"`` when MLX computes on that GPU by default, else None."""
     if mx.default_device().type != mx.DeviceType.gpu:
         return None
     if mx.metal.is_available():
@@ -65,7 +66,7 @@ def active_backend() -> str:
     mode = _forced or ("reference" if os.environ.get("FLASH_MOE_KERNELS", "auto") == "reference" else "auto")
     if mode == "reference":
         return "reference"
-    return _gpu_target() or "reference"
+    return gpu_target() or "reference"
 
 
 def _on_gpu(launch_fn, *args, **kwargs):

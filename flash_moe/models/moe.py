@@ -26,8 +26,8 @@ class ExpertSource(Protocol):
 
     def fetch(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, Optional[np.ndarray]]:
         """Stacked weights that hold ``experts`` (sorted, unique) of MoE layer ``layer``, and
-        the row of each of them in those weights (more rows may be there: a cache), or None
-        when the weights hold every expert at its own index."""
+        the row of each of them in those weights (more rows may be there: a cache); a
+        ``holds_all`` source returns None (every expert at its own index)."""
         ...
 
 
@@ -137,16 +137,15 @@ class StreamingMoE(nn.Module):
             self.prediction_counts[1] += len(needed)
             self._predicted = None
         group = max(self.max_fetch, self.top_k)  # a decode step's k records always go together
-        if x2.shape[0] == 1 and self.read_chunks > 1 and hasattr(self._source, "fetch_streamed"):
+        if x2.shape[0] == 1 and hasattr(self._source, "fetch_streamed"):
             y = self._experts_as_they_land(x2, scores, needed, local.reshape(-1))
             self._prefetch_next(nxt, guess if nxt is not None else None)
             return y
         if not self.max_fetch or len(needed) <= group:
             weights, rows = self._source.fetch(self.layer, needed)
             self._prefetch_next(nxt, guess if nxt is not None else None)
-            # Weights that hold every expert take the router's indices as they are.
-            local = inds if rows is None else mx.array(rows[local].reshape(host_inds.shape).astype(np.int32))
-            return kernels.expert_mlp(x2, weights, local, scores)
+            return kernels.expert_mlp(x2, weights, mx.array(rows[local].reshape(host_inds.shape).astype(np.int32)),
+                                      scores)
         return self._grouped_experts(x2, scores, needed, local.reshape(host_inds.shape), group)
 
     def _prefetch_next(self, nxt: Optional["StreamingMoE"], guess: Optional[mx.array]) -> None:
@@ -190,8 +189,7 @@ class StreamingMoE(nn.Module):
             tok, slot = np.nonzero((local >= start) & (local < start + len(group)))  # the (token, j) pairs it serves
             weights, rows = self._source.fetch(self.layer, group)
             tok_mx = mx.array(tok.astype(np.int32))
-            at = local[tok, slot] - start
-            at = group[at] if rows is None else rows[at]
+            at = rows[local[tok, slot] - start]
             part = kernels.expert_mlp(x2[tok_mx], weights, mx.array(at[:, None].astype(np.int32)),
                                       scores[tok_mx, mx.array(slot.astype(np.int32))][:, None])
             y = y.at[tok_mx].add(part)
