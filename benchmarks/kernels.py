@@ -29,7 +29,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import flash_moe.kernels as K  # noqa: E402
-from flash_moe.kernels import launch, reference  # noqa: E402
+from flash_moe.kernels import codegen, launch, reference  # noqa: E402
 from flash_moe.kernels.reference import ExpertWeights, Projection  # noqa: E402
 
 H, I, GS = 4096, 1024, 64
@@ -137,6 +137,10 @@ def bench_expert_mlp(peak: float, bits: int, k: int, N: int, sets: int, with_loo
     case = f"b{bits} k{k} N{N} sets{sets}"
     kind = f"expert_mlp{version}"
     row(kind, case, ours, ref, nbytes, peak, "gather_qmm (ref)", err)
+    if sets > 1:  # the routed sum in float32, as the MoE layer asks for it (v4: no cast back)
+        f32 = timeit(lambda i: launch.expert_mlp(target, x, ws[i % sets], inds, scores, version=version,
+                                                 out_dtype=mx.float32))
+        row(kind, case + " f32", f32, ref, nbytes, peak, "gather_qmm (ref)")
     if with_loop and N == 1:
         loop = timeit(lambda i: qmm_loop(x, ws[i % sets], inds_h, scores))
         row(kind, case, ours, loop, nbytes, peak, "quantized_matmul x3k")
@@ -150,6 +154,10 @@ CONFIGS = {
                         dict(R=1, W=2, tgs=512), dict(R=2, W=4, tgs=256), dict(R=2, W=2, tgs=512)]),
         ("down_pf", [dict(R=4, tgs=128), dict(R=2, tgs=128), dict(R=4, tgs=256), dict(R=2, tgs=256),
                      dict(R=1, tgs=256), dict(R=2, tgs=512), dict(R=1, tgs=512)])),
+    4: (("expert_mlp_sk", [dict(C=64, W=4, R=1, RD=2), dict(C=64, W=8, R=1, RD=2), dict(C=64, W=4, R=2, RD=2),
+                           dict(C=64, W=4, R=1, RD=4), dict(C=64, W=2, R=1, RD=2), dict(C=128, W=4, R=1, RD=2),
+                           dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),
+                           dict(C=32, W=8, R=1, RD=1)]),),
 }
 
 
@@ -164,10 +172,13 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
     per = expert_bytes(bits) // 3
     best = {}
     for index, (key, configs) in enumerate(CONFIGS[version]):
-        nbytes = (2 - index) * k * per  # gate/up reads two matrices, down one
+        # gate/up reads two matrices, down one; v4's one launch all three
+        nbytes = (3 if version == 4 else 2 - index) * k * per
         for cfg in configs:
             launch.TUNING_BITS[(key, bits)] = dict(cfg)
             plans = [launch.plan_expert_mlp(target, x, w, inds, scores, version=version) for w in ws]
+            if version == 4 and plans[0][0].spec is not codegen.EXPERT_MLP_SK:
+                continue  # this shape falls back to v1
             if index == 0:
                 t = timeit(lambda i: launch.run(target, plans[i % sets][0]))
             else:
@@ -177,7 +188,7 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
                     p[1].inputs[0] = h
                 t = timeit(lambda i: launch.run(target, plans[i % sets][1]))
             tmpl = plans[0][index].template
-            shape = " ".join(f"{n}{tmpl[n]}" for n in ("R", "W", "G", "RPT") if n in tmpl)
+            shape = " ".join(f"{n}{tmpl[n]}" for n in ("C", "R", "RD", "W", "G", "RPT") if n in tmpl)
             row(key, f"b{bits} k{k} {shape} sets{sets}", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:
                 best[key] = (t, dict(cfg))
@@ -185,7 +196,7 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
     print(f"autotune v{version} b{bits}: " + ", ".join(f"{k_}={v[1]}" for k_, v in best.items()), flush=True)
 
 
-def bench_combine(peak: float) -> None:
+def bench_combine(peak: float, versions: List[int]) -> None:
     w = make_experts(10, 4, seed=99)
     x = mx.random.normal((1, H)).astype(mx.bfloat16)
     inds = mx.arange(10, dtype=mx.int32)[None]
@@ -197,9 +208,12 @@ def bench_combine(peak: float) -> None:
     ref = timeit(lambda i: reference.moe_combine(e, sh, gate, res), calls=200)
     err = rel(launch.moe_combine(target, e, sh, gate, res), reference.moe_combine(e, sh, gate, res))
     row("combine", "N1 H4096 bf16", ours, ref, 0, peak, "mlx ops (ref)", err)
-    fused = timeit(lambda i: launch.expert_mlp(target, x, w, inds, scores, combine=(sh, gate, res)))  # default version
-    split = timeit(lambda i: launch.moe_combine(target, launch.expert_mlp(target, x, w, inds, scores), sh, gate, res))
-    row("mlp+combine", "b4 k10 N1 fused vs 2 kernels", fused, split, 10 * expert_bytes(4), peak, "unfused kernels")
+    for v in versions:
+        fused = timeit(lambda i: launch.expert_mlp(target, x, w, inds, scores, combine=(sh, gate, res), version=v))
+        split = timeit(lambda i: launch.moe_combine(target, launch.expert_mlp(target, x, w, inds, scores, version=v),
+                                                    sh, gate, res))
+        row(f"mlp+combine{v}", "b4 k10 N1 fused vs unfused", fused, split, 10 * expert_bytes(4), peak,
+            "unfused kernels")
 
 
 def bench_gated_delta(peak: float, B: int, dtype) -> None:
@@ -237,7 +251,7 @@ def dry_run() -> None:
         inputs = [mx.array(a) if isinstance(a, mx.array) else a for a in plan.inputs]
         mx.eval(inputs)
         return simt.simulate(launch.Plan(plan.spec, inputs, plan.template, plan.n_groups,
-                                         plan.group_size, plan.out_shapes, plan.out_dtypes))
+                                         plan.group_size, plan.out_shapes, plan.out_dtypes, plan.init_value))
 
     launch.run = run
     K.active_backend = lambda: "cuda"
@@ -248,7 +262,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer cases")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--dry-run", action="store_true", help="check the script on the CPU (simulated kernels)")
-    ap.add_argument("--versions", default="1,2", help="projection kernel versions to time (default 1,2)")
+    ap.add_argument("--versions", default="1,2,4", help="projection kernel versions to time (default 1,2,4)")
     args = ap.parse_args()
     if args.dry_run:
         dry_run()
@@ -269,7 +283,7 @@ def main() -> None:
                 bench_expert_mlp(peak, bits, k, 1, 8, with_loop=False, version=version)
         for N in ((4, 8) if not args.quick else (4,)):
             bench_expert_mlp(peak, 4, 10, N, 4, with_loop=False, version=version)
-    bench_combine(peak)
+    bench_combine(peak, versions)
     for B, dt in ((1, mx.bfloat16), (1, mx.float32), (8, mx.bfloat16)):
         bench_gated_delta(peak, B, dt)
     print("\n" + HEADER)

@@ -301,12 +301,15 @@ needs_cxx = pytest.mark.skipif(simt.find_compiler() is None, reason="no C++20 co
 def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1):
     plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, combine, version=version)
     assert plans is not None
-    gate_up, down = plans
-    (h,) = simt.simulate(gate_up)
-    assert not bool(mx.isnan(h).any()), "gate_up left elements unwritten"
-    down.inputs[0] = h
-    (y,) = simt.simulate(down)
-    return y
+    assert (plans[0].spec.name == "expert_mlp_sk") == (version == 4)
+    y = None
+    for plan in plans:
+        if y is not None:
+            assert not bool(mx.isnan(y).any()), "gate_up left elements unwritten"
+            plan.inputs[0] = y
+        (y,) = simt.simulate(plan)
+    out_dtype = x.dtype if combine is None else mx.result_type(x.dtype, combine[0].dtype, combine[1].dtype)
+    return y.astype(out_dtype)
 
 
 @pytest.fixture
@@ -340,7 +343,7 @@ def test_simulated_prefetching_kernels_with_looping_warps(bits, H, I, N, K, few_
     (4, 128, 1024, 256, 1, 4, mx.float32, mx.bfloat16),  # 32 lanes per row
     (2, 64, 2048, 128, 2, 2, mx.bfloat16, mx.float32),
 ])
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 4])
 def test_simulated_expert_kernels_match_reference(bits, gs, H, I, N, K, xdt, sdt, version):
     U = 5
     w = make_experts(U, H, I, bits, gs, sdt, seed=bits)
@@ -354,7 +357,7 @@ def test_simulated_expert_kernels_match_reference(bits, gs, H, I, N, K, xdt, sdt
 
 
 @needs_cxx
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 4])
 def test_simulated_fused_combine_matches_reference(version):
     w = make_experts(4, 64, 64, 4, 64, seed=7)
     x = mx.random.normal((2, 64))

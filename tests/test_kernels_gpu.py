@@ -61,9 +61,9 @@ def test_kernels_are_the_active_path():
     assert K.active_backend() in ("metal", "cuda")
 
 
-@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+@pytest.fixture(params=[1, 2, 4], ids=["v1", "v2", "v4"])
 def projection_version(request, monkeypatch):
-    """Both projection kernel versions (v1 is the default; v2 prefetches)."""
+    """Every projection kernel version (v2, prefetching, is the default; v4 is split-K)."""
     monkeypatch.setattr(launch, "PROJECTION_VERSION", request.param)
     return request.param
 

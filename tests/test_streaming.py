@@ -337,7 +337,7 @@ def expert_groups_of_one_step(model, monkeypatch) -> list:
 
     launches = []
     real = moe.kernels.expert_mlp
-    monkeypatch.setattr(moe.kernels, "expert_mlp", lambda *a: (launches.append(a[2].size), real(*a))[1])
+    monkeypatch.setattr(moe.kernels, "expert_mlp", lambda *a, **kw: (launches.append(a[2].size), real(*a, **kw))[1])
     cache = model.make_cache()
     mx.eval(model(mx.array([[5, 17]]), cache=cache))
     launches.clear()

@@ -10,8 +10,9 @@ Both GPU builds come from one algorithm text per kernel (``sources.py``, ``codeg
 Inputs a kernel does not cover (unquantized experts, unusual shapes or dtypes, large
 token counts) silently take the reference path. Force the reference everywhere with the
 environment variable ``FLASH_MOE_KERNELS=reference`` or ``set_backend("reference")``.
-``FLASH_MOE_PROJECTION=1`` selects the first expert-projection kernels instead of the
-prefetching ones (v2, the default; see ``benchmarks/KERNELS_NOTES.md``).
+``FLASH_MOE_PROJECTION`` = 1, 2 or 4 forces one version of the expert-projection kernels
+(default: the split-K v4 for one token, the prefetching v2 for more; see
+``benchmarks/KERNELS_NOTES.md``).
 """
 
 from __future__ import annotations
@@ -76,19 +77,29 @@ def _on_gpu(launch_fn, *args, **kwargs):
     return None if target == "reference" else launch_fn(target, *args, **kwargs)
 
 
-def expert_mlp(x: mx.array, w: ExpertWeights, inds: mx.array, scores: mx.array) -> mx.array:
+def _as(a: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
+    return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+
+
+def expert_mlp(x: mx.array, w: ExpertWeights, inds: mx.array, scores: mx.array,
+               out_dtype: Optional[mx.Dtype] = None) -> mx.array:
     """Weighted sum of the chosen experts' SwiGLU outputs (see ``reference.expert_mlp``).
 
-    x: [N, H]; inds, scores: [N, k]. Returns [N, H] in x's dtype.
+    x: [N, H]; inds, scores: [N, k]. Returns [N, H] in ``out_dtype`` (default x's dtype; ask for
+    float32 when the sum goes on into ``moe_combine``: a one-token GPU kernel sums in float32).
     """
-    y = _on_gpu(launch.expert_mlp, x, w, inds, scores)
-    return reference.expert_mlp(x, w, inds, scores) if y is None else y
+    y = _on_gpu(launch.expert_mlp, x, w, inds, scores, out_dtype=out_dtype)
+    return _as(reference.expert_mlp(x, w, inds, scores), out_dtype) if y is None else y
 
 
-def moe_combine(expert_out: mx.array, shared_out: mx.array, shared_gate: mx.array, residual: mx.array) -> mx.array:
-    """residual + expert_out + sigmoid(shared_gate) * shared_out (see ``reference.moe_combine``)."""
-    out = _on_gpu(launch.moe_combine, expert_out, shared_out, shared_gate, residual)
-    return reference.moe_combine(expert_out, shared_out, shared_gate, residual) if out is None else out
+def moe_combine(expert_out: mx.array, shared_out: mx.array, shared_gate: mx.array, residual: mx.array,
+                out_dtype: Optional[mx.Dtype] = None) -> mx.array:
+    """residual + expert_out + sigmoid(shared_gate) * shared_out (see ``reference.moe_combine``),
+    in ``out_dtype`` (default: the inputs' result type)."""
+    out = _on_gpu(launch.moe_combine, expert_out, shared_out, shared_gate, residual, out_dtype)
+    if out is None:
+        out = _as(reference.moe_combine(expert_out, shared_out, shared_gate, residual), out_dtype)
+    return out
 
 
 def expert_mlp_combine(

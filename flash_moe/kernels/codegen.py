@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from . import sources, sources_prefetch
+from . import sources, sources_prefetch, sources_splitk
 
 TARGETS = ("metal", "cuda")
 
@@ -37,6 +37,7 @@ METAL_MACROS = r"""
 #define FM_SHFL_XOR(v, m) metal::simd_shuffle_xor((v), (ushort)(m))
 #define FM_AS_FLOAT(u) as_type<float>(u)
 #define FM_EXP(v) metal::exp(v)
+#define FM_ATOMIC_ADD(p, v) metal::atomic_fetch_add_explicit((p), (v), metal::memory_order_relaxed)
 """
 
 CUDA_MACROS = r"""
@@ -49,6 +50,7 @@ CUDA_MACROS = r"""
 #define FM_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
 #define FM_AS_FLOAT(u) __uint_as_float(u)
 #define FM_EXP(v) expf(v)
+#define FM_ATOMIC_ADD(p, v) atomicAdd((p), (v))
 """
 
 # Metal's wrapper declares a built-in only when its name appears in the body, so the
@@ -77,8 +79,10 @@ class KernelSpec:
 
     ``template`` lists the template parameter names in the order they are passed
     (ints and dtypes). Every input's dtype must be one of them (or fixed): the CUDA
-    backend caches a compiled kernel by its name and template values only. ``defines`` are ``#define``s placed before the helpers (used for
-    compile-time variants that change the signature, such as the fused combine).
+    backend caches a compiled kernel by its name and template values only. ``defines`` are
+    ``#define``s placed before the helpers (used for compile-time variants that change the
+    signature, such as the fused combine). ``atomic_outputs``: the outputs are only touched
+    through ``FM_ATOMIC_ADD`` (Metal declares them ``device atomic<T>*``).
     """
 
     name: str
@@ -87,6 +91,7 @@ class KernelSpec:
     body: str
     template: Tuple[str, ...]
     defines: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
+    atomic_outputs: bool = False
 
     def header(self, target: str) -> str:
         defs = "".join(f"#define {k} {v}\n" for k, v in self.defines)
@@ -145,6 +150,12 @@ GATE_UP_PF = KernelSpec(
 )
 DOWN_PF, DOWN_COMBINE_PF = _down_pair("_pf", sources_prefetch.DOWN_PF,
                                       ("BITS", "GS", "D", "O", "K", "R", "RPT", "ST", "RT", "OutT"))
+# Split-K expert MLP, v4: one launch, gate/up and down per chunk of expert rows, atomic sum.
+EXPERT_MLP_SK = KernelSpec(
+    name="expert_mlp_sk", inputs=_PROJ_INPUTS + ("wd", "sd", "bd", "scores"), outputs=("y",),
+    body=sources_splitk.EXPERT_MLP_SK,
+    template=("BITS", "GS", "D", "I", "K", "C", "W", "R", "RD", "XT", "ST", "RT"), atomic_outputs=True,
+)
 COMBINE = KernelSpec(
     name="combine",
     inputs=("expert_out", "shared_out", "shared_gate", "residual", "params"),
@@ -161,7 +172,7 @@ GATED_DELTA = KernelSpec(
 )
 
 ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, DOWN_PF, DOWN_COMBINE_PF,
-                                     COMBINE, GATED_DELTA)
+                                     EXPERT_MLP_SK, COMBINE, GATED_DELTA)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,7 +268,8 @@ def metal_translation_unit(
                 params.append(f"  const constant {ctype} {pname}{suffix} [[buffer({index})]]")
                 index += 1
     for pname, dt in zip(spec.outputs, output_dtypes):
-        params.append(f"  device {_METAL_TYPE[dt]}* {pname} [[buffer({index})]]")
+        ctype = f"atomic<{_METAL_TYPE[dt]}>" if spec.atomic_outputs else _METAL_TYPE[dt]
+        params.append(f"  device {ctype}* {pname} [[buffer({index})]]")
         index += 1
     for attr, ctype in METAL_ATTRIBUTES:
         if attr in body:

@@ -32,13 +32,25 @@ TUNING: Dict[str, Dict[str, int]] = {
     # v2 (prefetching) projections. R: rows per item; tgs: threadgroups per launch.
     "gate_up_pf": {"R": 1, "W": 4, "tgs": 256},
     "down_pf": {"R": 4, "tgs": 128},
+    # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
+    # item; RD: down rows per lane group and iteration.
+    "expert_mlp_sk": {"C": 64, "W": 4, "R": 1, "RD": 2},
     "combine": {"W": 8},
     "gated_delta": {"R": 2, "W": 4},
 }
 
-# Which projection kernels run: 2 (prefetching; the default: 45.5 us vs 52.2 us for v1 at 4-bit
-# k=10 on an H100, faster in every measured case) or 1 (the fallback for shapes v2 does not cover).
-PROJECTION_VERSION = int(os.environ.get("FLASH_MOE_PROJECTION", "2"))
+# Which projection kernels run: 1 (the fallback for shapes the others do not cover), 2
+# (prefetching: 45.5 us vs 52.2 us for v1 at 4-bit k=10 on an H100), 4 (split-K in one launch
+# with an atomic sum: faster at one token, not bit-reproducible from run to run), or "auto"
+# (the default): 4 for one token, 2 for more (benchmarks/KERNELS_NOTES.md, Run 5).
+PROJECTION_VERSION = os.environ.get("FLASH_MOE_PROJECTION", "auto")
+
+
+def default_version(tokens: int) -> int:
+    """The projection kernels used for ``tokens`` rows when the caller names no version."""
+    if str(PROJECTION_VERSION) != "auto":
+        return int(PROJECTION_VERSION)
+    return 4 if tokens == 1 else 2
 
 # Per-bits overrides of TUNING, keyed (kernel, bits); the benchmark's autotune fills them.
 TUNING_BITS: Dict[Tuple[str, int], Dict[str, int]] = {}
@@ -90,20 +102,18 @@ class Plan:
     group_size: int
     out_shapes: List[Tuple[int, ...]]
     out_dtypes: List[Any]
+    init_value: Optional[float] = None  # filled into the outputs first (atomic sums need 0)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(target: str, spec: codegen.KernelSpec):
     header, source = codegen.render(spec, target)
-    make = mx.fast.metal_kernel if target == "metal" else mx.fast.cuda_kernel
-    return make(
-        name=spec.kernel_name(target),
-        input_names=list(spec.inputs),
-        output_names=list(spec.outputs),
-        source=source,
-        header=header,
-        ensure_row_contiguous=True,
-    )
+    kwargs = dict(name=spec.kernel_name(target), input_names=list(spec.inputs),
+                  output_names=list(spec.outputs), source=source, header=header,
+                  ensure_row_contiguous=True)
+    if target == "metal":
+        return mx.fast.metal_kernel(atomic_outputs=spec.atomic_outputs, **kwargs)
+    return mx.fast.cuda_kernel(**kwargs)  # a CUDA output is a plain pointer, atomics or not
 
 
 def run(target: str, plan: Plan) -> List[mx.array]:
@@ -115,7 +125,7 @@ def run(target: str, plan: Plan) -> List[mx.array]:
         threadgroup=(plan.group_size, 1, 1),
         output_shapes=plan.out_shapes,
         output_dtypes=plan.out_dtypes,
-        init_value=POISON,
+        init_value=POISON if plan.init_value is None else plan.init_value,
     )
 
 
@@ -259,15 +269,50 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
     return gate_up, down
 
 
+def _plan_v4(target, x, w, inds, scores, N, D, I, K, sub_d):
+    """One launch: a threadgroup per (token, slot, chunk of C expert rows) computes that
+    chunk's gate/up rows, then adds its share of the down projection into y (float32, zeroed
+    first) with atomic adds."""
+    bits, gs = w.bits, w.group_size
+    epl = 128 // bits
+    t = tuning("expert_mlp_sk", bits)
+    C = max(t["C"], epl)
+    while C > epl and I % C:
+        C //= 2
+    if I % C or C % epl or lanes_per_row(C // epl) != C // epl or C % sub_d:
+        return None
+    R = _rows_per_warp(C, sub_d, t["R"])
+    sub_c = 32 // (C // epl)  # down rows side by side in a warp
+    W, RD = t["W"], t["RD"]
+    while W * RD * sub_c > D or D % (W * RD * sub_c):
+        if RD > 1:
+            RD //= 2
+        elif W > 1:
+            W //= 2
+        else:
+            return None
+    if 4 * (D + D // epl + C) > SMEM_LIMIT[target]:
+        return None
+    plan = Plan(
+        codegen.EXPERT_MLP_SK,
+        _gate_up_inputs(x, w, inds) + [w.down.weight, w.down.scales, w.down.biases, scores],
+        dict(BITS=bits, GS=gs, D=D, I=I, K=K, C=C, W=W, R=R, RD=RD, XT=x.dtype, ST=w.gate.scales.dtype,
+             RT=scores.dtype),
+        N * K * (I // C), W * 32, [(N, D)], [mx.float32], init_value=0.0,
+    )
+    return (plan,)
+
+
 def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
                     combine: Optional[Sequence[Any]] = None,
-                    version: Optional[int] = None) -> Optional[Tuple[Plan, Plan]]:
-    """Plans for gate/up + SwiGLU (into h) and down + routing weights + k-way sum.
+                    version: Optional[int] = None) -> Optional[Tuple[Plan, ...]]:
+    """Launch plans, run in order, for gate/up + SwiGLU, down + routing weights + k-way sum.
 
-    The second plan's first input is an ``ArraySpec`` placeholder for h. ``combine`` =
-    (shared_out, shared_gate, residual) fuses ``moe_combine`` into the second launch.
-    ``inds`` must be int32. ``version`` picks the projection kernels (default
-    ``PROJECTION_VERSION``).
+    Versions 1 and 2: two plans (gate/up into h, then down); the second plan's first input
+    is an ``ArraySpec`` placeholder for h. Version 4: one plan whose output is a float32
+    accumulator (``expert_mlp`` casts it). ``combine`` = (shared_out, shared_gate, residual)
+    fuses ``moe_combine`` into the last launch. ``inds`` must be int32. ``version`` picks the
+    projection kernels (default ``PROJECTION_VERSION``).
     """
     if not w.quantized or w.bits not in (2, 4, 8) or w.group_size not in (32, 64, 128):
         return None
@@ -292,45 +337,59 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
         return None
 
     sub_d, sub_i = 32 // lpr_d, 32 // lay_i[1]
-    version = PROJECTION_VERSION if version is None else version
-    plans = _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i) if version == 2 else None
-    if plans is None:  # v1 covers shapes v2 does not (and is the fallback)
+    version = default_version(N) if version is None else version
+    plans = None
+    if version == 4:
+        plans = _plan_v4(target, x, w, inds, scores, N, D, I, K, sub_d)
+    elif version == 2:
+        plans = _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i)
+    if plans is None:  # v1 covers shapes the others do not (and is the fallback)
         version, plans = 1, _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i)
     if plans is None:
         return None
-    gate_up, down = plans
     if combine is not None:
         shared_out, shared_gate, residual = combine
         if (tuple(shared_out.shape) != (N, D) or tuple(residual.shape) != (N, D)
                 or tuple(shared_gate.shape) != (N, 1) or shared_out.dtype != residual.dtype
                 or shared_out.dtype not in FLOATS or shared_gate.dtype not in FLOATS):
             return None
-        down.spec = codegen.DOWN_COMBINE if version == 1 else codegen.DOWN_COMBINE_PF
-        down.inputs += [shared_out, shared_gate, residual]
-        down.template.update(CT=shared_out.dtype, GT=shared_gate.dtype,
-                             OutT=mx.result_type(x.dtype, shared_out.dtype, shared_gate.dtype))
-        down.out_dtypes = [down.template["OutT"]]
-    return gate_up, down
+        out_dtype = mx.result_type(x.dtype, shared_out.dtype, shared_gate.dtype)
+        if version == 4:  # the combine kernel also casts the float32 sum back
+            comb = plan_moe_combine(target, ArraySpec((N, D), mx.float32), shared_out, shared_gate, residual,
+                                    out_dtype=out_dtype)
+            return None if comb is None else plans + (comb,)
+        last = plans[-1]
+        last.spec = codegen.DOWN_COMBINE if version == 1 else codegen.DOWN_COMBINE_PF
+        last.inputs += [shared_out, shared_gate, residual]
+        last.template.update(CT=shared_out.dtype, GT=shared_gate.dtype, OutT=out_dtype)
+        last.out_dtypes = [out_dtype]
+    return plans
 
 
 def expert_mlp(target: str, x: mx.array, w: ExpertWeights, inds: mx.array, scores: mx.array,
-               combine: Optional[Sequence[mx.array]] = None,
-               version: Optional[int] = None) -> Optional[mx.array]:
-    """Run the two projection kernels; None when they do not cover the inputs."""
+               combine: Optional[Sequence[mx.array]] = None, version: Optional[int] = None,
+               out_dtype: Optional[mx.Dtype] = None) -> Optional[mx.array]:
+    """Run the projection kernels (and the combine, if given); None when they do not cover
+    the inputs. The result is in ``out_dtype``, by default x's (or the combine's) dtype."""
     if inds.dtype != mx.int32:
         inds = inds.astype(mx.int32)
     plans = plan_expert_mlp(target, x, w, inds, scores, combine, version)
     if plans is None:
         return None
-    gate_up, down = plans
-    (h,) = run(target, gate_up)
-    down.inputs[0] = h
-    (y,) = run(target, down)
-    return y
+    y = None
+    for plan in plans:  # each launch's output is the next one's first input
+        if y is not None:
+            plan.inputs[0] = y
+        (y,) = run(target, plan)
+    if out_dtype is None:
+        out_dtype = x.dtype if combine is None else mx.result_type(x.dtype, combine[0].dtype, combine[1].dtype)
+    return y if y.dtype == out_dtype else y.astype(out_dtype)
 
 
-def plan_moe_combine(target: str, expert_out, shared_out, shared_gate, residual) -> Optional[Plan]:
-    """Elementwise residual + expert_out + sigmoid(shared_gate) * shared_out."""
+def plan_moe_combine(target: str, expert_out, shared_out, shared_gate, residual,
+                     out_dtype: Optional[mx.Dtype] = None) -> Optional[Plan]:
+    """Elementwise residual + expert_out + sigmoid(shared_gate) * shared_out, written in
+    ``out_dtype`` (default: the inputs' result type)."""
     shape = tuple(expert_out.shape)
     if not shape or tuple(shared_out.shape) != shape or tuple(residual.shape) != shape:
         return None
@@ -339,10 +398,13 @@ def plan_moe_combine(target: str, expert_out, shared_out, shared_gate, residual)
     arrays = [expert_out, shared_out, shared_gate, residual]
     if any(a.dtype not in FLOATS for a in arrays) or expert_out.size >= 2**31:
         return None
-    out_dtype = mx.result_type(*(a.dtype for a in arrays))
+    if out_dtype is None:
+        out_dtype = mx.result_type(*(a.dtype for a in arrays))
+    if out_dtype not in FLOATS:
+        return None
     W = TUNING["combine"]["W"]
     n = expert_out.size
-    count = count_array(n) if isinstance(expert_out, mx.array) else ArraySpec((1,), mx.int32)
+    count = count_array(n) if isinstance(residual, mx.array) else ArraySpec((1,), mx.int32)
     return Plan(
         codegen.COMBINE, arrays + [count],
         dict(HD=shape[-1], W=W, ET=expert_out.dtype, ST=shared_out.dtype, GT=shared_gate.dtype,
@@ -351,8 +413,9 @@ def plan_moe_combine(target: str, expert_out, shared_out, shared_gate, residual)
     )
 
 
-def moe_combine(target: str, expert_out, shared_out, shared_gate, residual) -> Optional[mx.array]:
-    plan = plan_moe_combine(target, expert_out, shared_out, shared_gate, residual)
+def moe_combine(target: str, expert_out, shared_out, shared_gate, residual,
+                out_dtype: Optional[mx.Dtype] = None) -> Optional[mx.array]:
+    plan = plan_moe_combine(target, expert_out, shared_out, shared_gate, residual, out_dtype)
     return None if plan is None else run(target, plan)[0]
 
 

@@ -9,26 +9,12 @@ faster than v1 on the H100 in every measured case (benchmarks/KERNELS_NOTES.md).
 
 from .sources import PROJ_CONSTANTS, STAGE_XSUM
 
-# gate/up projection fused with SwiGLU.
-GATE_UP_PF = r"""
-  // fm_gate_up_pf: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair].
-  // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (rows per item and
-  // lane group), W (warps per threadgroup), G (threadgroups per token). The K*I rows of a
-  // token are cut into items of R*SUB rows; threadgroup g of token n takes a contiguous run
-  // of IPT items, its warps take every W-th one. x' is staged once per threadgroup; each warp
-  // loads its next item while it computes the current one.
-  // Output h: [N*K, I] float32, lane-major and pre-scaled for the down kernel (same BITS).
-""" + PROJ_CONSTANTS + r"""
-  constexpr int E4 = EPL / 4;
-  constexpr int NI = K * I / (R * SUB);  // items per token
-  constexpr int IPT = NI / G;            // items per threadgroup
-  constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
-  const int n = fm_tg / G;
-  const int it0 = (fm_tg % G) * IPT;
-
-  FM_SHARED float4 xs[D / 4];  // this token's x', lane-major
-  FM_SHARED float xsum[D / EPL];  // plain sum of every lane chunk of x (for the biases)
-
+# The gate/up part shared by v2 and the split-K v4: each warp walks its items (R rows of gate
+# and of up per lane group), loading the next item while it computes the current one. The
+# kernel defines, before these fragments: ITEMS (items of this threadgroup), FM_ITEM_ROW(item, r)
+# (the expert row index pr of row slot r), FM_WEIGHT_ROW(pr) (its row in the stacked weights) and
+# FM_STORE_H(pr, v) (where silu(g) * u of row pr goes), and the int ``item`` (the warp's first).
+GATE_UP_ITEM_LOADS = r"""
   uint4 ng[R][NSTEP];
   uint4 nu[R][NSTEP];
   ST nsg[R][NSTEP];
@@ -37,8 +23,8 @@ GATE_UP_PF = r"""
   ST nbu[R][NSTEP];
 #define FM_LOAD_ITEM(item)                                                 \
   for (int r = 0; r < R; ++r) {                                            \
-    const int pr = ((item) * R + r) * SUB + sub;                           \
-    const int64_t wrow = int64_t(inds[n * K + pr / I]) * I + pr % I;       \
+    const int pr = FM_ITEM_ROW(item, r);                                   \
+    const int64_t wrow = FM_WEIGHT_ROW(pr);                                \
     for (int s = 0; s < NSTEP; ++s) {                                      \
       const int c = s * STEP + sl * EPL;                                   \
       const int64_t wo = wrow * WPR + c / PACK;                            \
@@ -51,12 +37,11 @@ GATE_UP_PF = r"""
       nbu[r][s] = bu[so];                                                  \
     }                                                                      \
   }
+"""
 
-  int item = fm_warp;  // this warp's next item, counted inside the threadgroup
-  if (item < IPT) {    // the first loads fly while x is staged
-    FM_LOAD_ITEM(it0 + item)
-  }
-  for (int t = fm_tid; t < D / 4; t += W * 32) {
+# x' (this token's x, pre-scaled, float4 lane-major) and the chunk sums, staged by the whole
+# threadgroup into xs[D / 4] and xsum[D / EPL].
+STAGE_X4 = r"""  for (int t = fm_tid; t < D / 4; t += W * 32) {
     const int step = t / (E4 * LPR);
     const int i = ((t % (E4 * LPR)) / LPR) * 4;
     const int at = n * D + step * STEP + (t % LPR) * EPL + i;
@@ -67,9 +52,10 @@ GATE_UP_PF = r"""
     v.w = static_cast<float>(x[at + 3]) * fm_pos_scale<BITS>(i + 3);
     xs[t] = v;
   }
-""" + STAGE_XSUM + r"""  FM_BARRIER();
+""" + STAGE_XSUM
 
-  while (item < IPT) {  // uniform across the warp
+GATE_UP_ITEM_LOOP = r"""
+  while (item < ITEMS) {  // uniform across the warp
     uint4 cg[R][NSTEP];
     uint4 cu[R][NSTEP];
     ST csg[R][NSTEP];
@@ -88,10 +74,10 @@ GATE_UP_PF = r"""
         cbu[r][s] = nbu[r][s];
       }
     }
-    const int cur = it0 + item;
+    const int cur = item;
     item += W;
-    if (item < IPT) {
-      FM_LOAD_ITEM(it0 + item)
+    if (item < ITEMS) {
+      FM_LOAD_ITEM(item)
     }
     float ag[R];
     float au[R];
@@ -125,15 +111,47 @@ GATE_UP_PF = r"""
       const float gsum = fm_lane_sum<LPR>(ag[r]);
       const float usum = fm_lane_sum<LPR>(au[r]);
       if (sl == 0) {
-        const int pr = (cur * R + r) * SUB + sub;
-        const int row = pr % I;
-        const float hv = gsum * fm_sigmoid(gsum) * usum;
-        h[int64_t(n * K + pr / I) * I + fm_lane_major4<EPL, LPR_H>(row)] =
-            hv * fm_pos_scale<BITS>(row % EPL);
+        const int pr = FM_ITEM_ROW(cur, r);
+        FM_STORE_H(pr, gsum * fm_sigmoid(gsum) * usum);
       }
     }
   }
 #undef FM_LOAD_ITEM
+"""
+
+# gate/up projection fused with SwiGLU.
+GATE_UP_PF = r"""
+  // fm_gate_up_pf: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair].
+  // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (rows per item and
+  // lane group), W (warps per threadgroup), G (threadgroups per token). The K*I rows of a
+  // token are cut into items of R*SUB rows; threadgroup g of token n takes a contiguous run
+  // of ITEMS items, its warps take every W-th one. x' is staged once per threadgroup; each warp
+  // loads its next item while it computes the current one.
+  // Output h: [N*K, I] float32, lane-major and pre-scaled for the down kernel (same BITS).
+""" + PROJ_CONSTANTS + r"""
+  constexpr int E4 = EPL / 4;
+  constexpr int NI = K * I / (R * SUB);  // items per token
+  constexpr int ITEMS = NI / G;          // items per threadgroup
+  constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
+  const int n = fm_tg / G;
+  const int it0 = (fm_tg % G) * ITEMS;
+
+  FM_SHARED float4 xs[D / 4];  // this token's x', lane-major
+  FM_SHARED float xsum[D / EPL];  // plain sum of every lane chunk of x (for the biases)
+#define FM_ITEM_ROW(item, r) (((it0 + (item)) * R + (r)) * SUB + sub)  // of the token's K*I rows
+#define FM_WEIGHT_ROW(pr) (int64_t(inds[n * K + (pr) / I]) * I + (pr) % I)
+#define FM_STORE_H(pr, v)                                                              \
+  h[int64_t(n * K + (pr) / I) * I + fm_lane_major4<EPL, LPR_H>((pr) % I)] =            \
+      (v) * fm_pos_scale<BITS>(((pr) % I) % EPL)
+""" + GATE_UP_ITEM_LOADS + r"""
+  int item = fm_warp;  // this warp's next item, counted inside the threadgroup
+  if (item < ITEMS) {  // the first loads fly while x is staged
+    FM_LOAD_ITEM(item)
+  }
+""" + STAGE_X4 + r"""  FM_BARRIER();
+""" + GATE_UP_ITEM_LOOP + r"""#undef FM_ITEM_ROW
+#undef FM_WEIGHT_ROW
+#undef FM_STORE_H
 """
 
 DOWN_PF = r"""

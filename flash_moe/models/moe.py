@@ -108,16 +108,19 @@ class StreamingMoE(nn.Module):
         if getattr(self._source, "holds_all", False):
             # Every expert in memory: nothing to read, so no host sync; the router's indices
             # go to the kernels as they are.
-            y = kernels.expert_mlp(x2, self._source.fetch(self.layer, None)[0], inds, scores)
+            y = kernels.expert_mlp(x2, self._source.fetch(self.layer, None)[0], inds, scores, out_dtype=mx.float32)
         else:
             y = self._routed_from_source(x2, inds, scores)
 
+        # y is the routed sum in float32 (a one-token GPU kernel accumulates in it); the
+        # combine adds the rest and casts back to the model's dtype in the same pass.
         res = None if residual is None else residual.reshape(y.shape)
         if shared is not None and shared_gate is not None:
-            out = kernels.moe_combine(y, shared, shared_gate, mx.zeros_like(y) if res is None else res)
+            out = kernels.moe_combine(y, shared, shared_gate, mx.zeros_like(shared) if res is None else res,
+                                      out_dtype=x.dtype)
         else:
             out = y if shared is None else y + shared
-            out = out if res is None else res + out
+            out = (out if res is None else res + out).astype(x.dtype)
         # Start on the experts now: the device computes them while Python builds the next
         # layer's graph, up to that layer's router sync.
         mx.async_eval(out)
@@ -145,7 +148,7 @@ class StreamingMoE(nn.Module):
             weights, rows = self._source.fetch(self.layer, needed)
             self._prefetch_next(nxt, guess if nxt is not None else None)
             return kernels.expert_mlp(x2, weights, mx.array(rows[local].reshape(host_inds.shape).astype(np.int32)),
-                                      scores)
+                                      scores, out_dtype=mx.float32)
         return self._grouped_experts(x2, scores, needed, local.reshape(host_inds.shape), group)
 
     def _prefetch_next(self, nxt: Optional["StreamingMoE"], guess: Optional[mx.array]) -> None:
@@ -164,7 +167,8 @@ class StreamingMoE(nn.Module):
         if chunks == 1:
             if pending is not None:
                 pending.finish()
-            y = kernels.expert_mlp(x2, weights, mx.array(rows[local][None].astype(np.int32)), scores)
+            y = kernels.expert_mlp(x2, weights, mx.array(rows[local][None].astype(np.int32)), scores,
+                                   out_dtype=mx.float32)
             self._source.in_use(y)
             return y
         y = None
@@ -174,7 +178,8 @@ class StreamingMoE(nn.Module):
                 pending.finish()  # every record is in: the I/O time ends here
             slots = np.nonzero((local >= part[0]) & (local <= part[-1]))[0]  # the top-k slots it serves
             at = mx.array(rows[local[slots]][None].astype(np.int32))
-            part_y = kernels.expert_mlp(x2, weights, at, scores[:, mx.array(slots.astype(np.int32))])
+            part_y = kernels.expert_mlp(x2, weights, at, scores[:, mx.array(slots.astype(np.int32))],
+                                        out_dtype=mx.float32)
             y = part_y if y is None else y + part_y
             mx.async_eval(y)
         self._source.in_use(y)
@@ -183,7 +188,7 @@ class StreamingMoE(nn.Module):
     def _grouped_experts(self, x2: mx.array, scores: mx.array, needed: np.ndarray, local: np.ndarray,
                          size: int) -> mx.array:
         """The routed experts' sum, reading ``size`` experts at a time (still each once)."""
-        y = mx.zeros(x2.shape, dtype=x2.dtype)
+        y = mx.zeros(x2.shape, dtype=mx.float32)
         for start in range(0, len(needed), size):
             group = needed[start:start + size]
             tok, slot = np.nonzero((local >= start) & (local < start + len(group)))  # the (token, j) pairs it serves
@@ -191,7 +196,7 @@ class StreamingMoE(nn.Module):
             tok_mx = mx.array(tok.astype(np.int32))
             at = rows[local[tok, slot] - start]
             part = kernels.expert_mlp(x2[tok_mx], weights, mx.array(at[:, None].astype(np.int32)),
-                                      scores[tok_mx, mx.array(slot.astype(np.int32))][:, None])
+                                      scores[tok_mx, mx.array(slot.astype(np.int32))][:, None], out_dtype=mx.float32)
             y = y.at[tok_mx].add(part)
             mx.eval(y)  # this group's records can be freed before the next group is read
         return y

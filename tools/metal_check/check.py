@@ -66,15 +66,15 @@ def variants(target: str) -> List[Tuple[str, launch.Plan]]:
         w = _experts(U, D, I, bits, gs, sdt)
         x, inds, scores = A((N, D), xdt), A((N, K), mx.int32), A((N, K), xdt)
         tag = f"D{D}_I{I}_b{bits}_g{gs}_N{N}_K{K}_{xdt}_{sdt}".replace("mlx.core.", "")
-        for version in (1, 2):
+        for version in (1, 2, 4):
             v = f"v{version}_"
             plans = launch.plan_expert_mlp(target, x, w, inds, scores, version=version)
             assert plans is not None, f"no plan for {v}{tag}"
-            out += [(v + "gate_up_" + tag, plans[0]), (v + "down_" + tag, plans[1])]
+            out += [(v + p.spec.name + "_" + tag, p) for p in plans]
             comb = (A((N, D), bf16), A((N, 1), bf16), A((N, D), bf16))
             plans = launch.plan_expert_mlp(target, x, w, inds, scores, combine=comb, version=version)
             assert plans is not None, f"no fused plan for {v}{tag}"
-            out.append((v + "down_combine_" + tag, plans[1]))
+            out.append((v + plans[-1].spec.name + "_" + tag, plans[-1]))
     for shape, dts in (((1, 4096), (bf16,) * 4), ((3, 64), (f32, f32, bf16, f32)), ((2, 5, 4096), (f16,) * 4)):
         gate = A(shape[:-1] + (1,), dts[2])
         plan = launch.plan_moe_combine(target, A(shape, dts[0]), A(shape, dts[1]), gate, A(shape, dts[3]))

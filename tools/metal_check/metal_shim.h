@@ -60,6 +60,12 @@ template <typename T> T simd_shuffle_up(T v, ushort delta);
 template <typename T> T simd_broadcast(T v, ushort lane);
 template <typename T> T simd_broadcast_first(T v);
 
+enum memory_order { memory_order_relaxed };
+template <typename T> struct atomic { T value; };
+typedef atomic<float> atomic_float;
+template <typename T>
+T atomic_fetch_add_explicit(device atomic<T>* object, T operand, memory_order order);
+
 float exp(float x);
 float exp2(float x);
 float log(float x);

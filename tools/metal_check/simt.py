@@ -29,6 +29,7 @@ from flash_moe.kernels import codegen, sources
 from flash_moe.kernels.launch import Plan
 
 PRELUDE = r"""
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -128,6 +129,7 @@ inline float shfl_xor(float v, int m) {
 #define FM_SHFL_XOR(v, m) fmsim::shfl_xor((v), (m))
 #define FM_AS_FLOAT(u) fmsim::as_float(u)
 #define FM_EXP(v) std::exp(v)
+#define FM_ATOMIC_ADD(p, v) std::atomic_ref<float>(*(p)).fetch_add(v)
 """
 
 BODY_PRELUDE = r"""
@@ -230,7 +232,8 @@ def simulate(plan: Plan) -> List[mx.array]:
     ins = [_to_numpy(a) for a in plan.inputs]
     outs = []
     for shape, dt in zip(plan.out_shapes, plan.out_dtypes):
-        outs.append(np.full(shape, _POISON_BITS[dt], dtype=_NP_STORAGE[dt]))
+        fill = _POISON_BITS[dt] if plan.init_value is None else plan.init_value
+        outs.append(np.full(shape, fill, dtype=_NP_STORAGE[dt]))
     ptrs = (ctypes.c_void_p * (len(ins) + len(outs)))(*[a.ctypes.data for a in ins + outs])
     lib.fm_launch(ptrs, plan.n_groups, plan.group_size)
     result = []
