@@ -38,6 +38,17 @@ class DiskExperts:
         self._cache = RecordArrays(self.layout, self.slots) if self.slots else None
         self._slot_of: "OrderedDict[tuple, int]" = OrderedDict()  # (layer, expert) -> slot, LRU first
         self._free = list(range(self.slots))
+        # The same map per layer as an array (expert -> slot, -1 when absent), for lookups on the
+        # device: once a decode step found every expert in the cache, the next one looks its
+        # slots up there, without the per-layer host sync, and the model checks afterwards
+        # (``StreamingModel.__call__``). ``speculative_lookups = False`` turns that off.
+        self.speculative_lookups = self.slots > 0
+        self.speculating = False  # set by the model after a decode step without misses
+        self.cache_misses = 0
+        self.speculation_failures = 0
+        self._num_experts = reader.manifest.num_experts
+        self._tables: dict = {}  # layer -> np.int32 [num_experts]
+        self._tables_mx: dict = {}  # layer -> its MLX copy, made when first needed after a change
 
     def fetch(self, layer: int, experts: np.ndarray) -> Tuple[ExpertWeights, np.ndarray]:
         """Weights holding ``experts`` of MoE layer ``layer``, and the row of each in them."""
@@ -85,18 +96,54 @@ class DiskExperts:
                 rows[j] = slot
                 self._slot_of.move_to_end(key)
         for j in missing:  # this call's hits were just moved to the end: they are not evicted
-            rows[j] = self._free.pop() if self._free else self._slot_of.popitem(last=False)[1]
+            if self._free:
+                rows[j] = self._free.pop()
+            else:
+                old, rows[j] = self._slot_of.popitem(last=False)
+                self._set_slot(old, -1)
             self._slot_of[keys[j]] = rows[j]
+            self._set_slot(keys[j], rows[j])
         if missing:
+            self.cache_misses += len(missing)
             try:
                 self.reader.read(layer, experts[missing], into=self._cache.views, rows=rows[missing])
             except BaseException:
                 for j in missing:  # those slots hold partial records: forget them
                     del self._slot_of[keys[j]]
+                    self._set_slot(keys[j], -1)
                     self._free.append(int(rows[j]))
                 raise
         self.reader.stats.cache_hits += len(keys) - len(missing)
         return self._cache.weights(), rows
+
+    def _set_slot(self, key: tuple, slot: int) -> None:
+        layer, expert = key
+        if layer not in self._tables:
+            self._tables[layer] = np.full(self._num_experts, -1, dtype=np.int32)
+        self._tables[layer][expert] = slot
+        self._tables_mx.pop(layer, None)
+
+    def slot_table(self, layer: int) -> mx.array:
+        """int32 [num_experts]: the cache slot of each expert of ``layer``, -1 where absent."""
+        table = self._tables_mx.get(layer)
+        if table is None:
+            if layer not in self._tables:
+                self._tables[layer] = np.full(self._num_experts, -1, dtype=np.int32)
+            table = self._tables_mx[layer] = mx.array(self._tables[layer])
+        return table
+
+    def cache_weights(self) -> ExpertWeights:
+        """Every slot of the expert cache, as the weights the kernels index."""
+        return self._cache.weights()
+
+    def confirm(self, lookups: List[Tuple[int, np.ndarray]]) -> None:
+        """A speculative step found all its experts ((layer, experts) pairs): count the hits and
+        refresh their place in the LRU order, as a synchronous lookup would have."""
+        for layer, experts in lookups:
+            experts = np.unique(experts)
+            for e in experts:
+                self._slot_of.move_to_end((layer, int(e)))
+            self.reader.stats.cache_hits += len(experts)
 
     def prefetch(self, layer: int, experts: np.ndarray) -> None:
         """Start reading records that will probably be fetched soon (see ``ExpertReader.prefetch``)."""

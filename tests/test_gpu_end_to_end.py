@@ -54,3 +54,21 @@ def test_gpu_matches_cpu(packed, request):
         mx.set_default_device(mx.gpu)
     assert not mx.isnan(on_gpu).any().item()
     assert mx.abs(on_gpu - on_cpu).max().item() < 1e-3
+
+
+def test_speculative_cache_lookups_on_gpu(packed4):
+    """Decode with every expert in the device expert cache: after the first pass the steps look
+    their slots up on the GPU (no reads, no undone steps) and match the resident model."""
+    from flash_moe.io.format import load_manifest
+
+    resident, _ = flash_moe.load(packed4, resident_experts=True)
+    ref = decode_logits(resident)
+    record = load_manifest(packed4).layout.record_size
+    model, _ = flash_moe.load(packed4, cache_bytes=64 * record)
+    decode_logits(model)  # fills the cache
+    source = model.moe_blocks()[0]._source
+    before, failures = model.expert_reader.stats.copy(), source.speculation_failures
+    out = decode_logits(model)
+    assert (model.expert_reader.stats - before).reads == 0
+    assert source.speculation_failures == failures and source.speculating
+    assert mx.abs(out - ref).max().item() < 1e-3

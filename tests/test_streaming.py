@@ -367,3 +367,44 @@ def test_resident_experts_need_no_host_sync(packed4, monkeypatch):
     out = decode(model, steps=2)
     assert not mx.isnan(out).any().item()
     assert (model.expert_reader.stats - before).reads == 0
+
+
+def test_speculative_lookups_skip_the_host_sync_and_stay_exact(packed4, monkeypatch):
+    """Once a decode step found every expert in the cache, the next steps look the slots up on the
+    device (no host-side routing in any MoE layer, no reads) and give the resident logits bit for bit."""
+    from flash_moe.models.moe import StreamingMoE
+
+    ref_model, _ = flash_moe.load(packed4, resident_experts=True)
+    ref = decode(ref_model)
+    record = load_manifest(packed4).layout.record_size
+    model, _ = flash_moe.load(packed4, cache_bytes=32 * record)  # every expert of every layer fits
+    decode(model)  # fills the cache
+    source = model.moe_blocks()[0]._source
+    assert source.speculating
+    host_routed = []
+    real = StreamingMoE._routed_from_source
+    monkeypatch.setattr(StreamingMoE, "_routed_from_source",
+                        lambda self, *a: (host_routed.append(self.layer), real(self, *a))[1])
+    before, failures = model.expert_reader.stats.copy(), source.speculation_failures
+    assert mx.array_equal(decode(model), ref).item()
+    delta = model.expert_reader.stats - before
+    assert len(host_routed) == len(model.moe_blocks())  # the 6-token prompt only: decode steps skip it
+    assert delta.reads == 0 and delta.cache_hits > 0
+    assert source.speculation_failures == failures
+
+
+def test_failed_speculation_is_undone_and_rerun(packed4):
+    """A speculative step that meets an expert not in the cache is undone (KV and recurrent
+    states restored) and run again with reads: every logit still equals the resident model's."""
+    ref_model, _ = flash_moe.load(packed4, resident_experts=True)
+    ref = decode(ref_model)
+    record = load_manifest(packed4).layout.record_size
+    model, _ = flash_moe.load(packed4, cache_bytes=3 * record)  # far less than a step's experts
+    source = model.moe_blocks()[0]._source
+    cache = model.make_cache()
+    logits = [model(mx.array([[5, 17, 99, 200, 3, 44]]), cache=cache)[:, -1]]
+    for _ in range(5):
+        source.speculating = True  # force the attempt
+        logits.append(model(mx.argmax(logits[-1], axis=-1)[:, None], cache=cache)[:, -1])
+    assert source.speculation_failures == 5
+    assert mx.array_equal(mx.stack(logits), ref).item()

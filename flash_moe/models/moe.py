@@ -80,6 +80,7 @@ class StreamingMoE(nn.Module):
         # more than the overlap gains (measured: -25% tok/s on the 123 KB records of the demo).
         self.read_chunks = 4
         self.chunk_min_bytes = 4 << 20
+        self._lookups: Optional[_Lookups] = None  # set by the model during a speculative step
 
     def route(self, x: mx.array):
         """Top-k expert indices and their (renormalised) softmax weights."""
@@ -109,6 +110,8 @@ class StreamingMoE(nn.Module):
             # Every expert in memory: nothing to read, so no host sync; the router's indices
             # go to the kernels as they are.
             y = kernels.expert_mlp(x2, self._source.fetch(self.layer, None)[0], inds, scores, out_dtype=mx.float32)
+        elif self._lookups is not None:
+            y = self._routed_from_slots(x2, inds, scores)
         else:
             y = self._routed_from_source(x2, inds, scores)
 
@@ -125,6 +128,14 @@ class StreamingMoE(nn.Module):
         # layer's graph, up to that layer's router sync.
         mx.async_eval(out)
         return out.reshape(shape)
+
+    def _routed_from_slots(self, x2: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
+        """A speculative decode step: the experts' cache slots are looked up on the device, with
+        no host sync; the model checks after the forward pass that each was there."""
+        rows = self._source.slot_table(self.layer)[inds]
+        self._lookups.entries.append((self.layer, inds, rows))
+        return kernels.expert_mlp(x2, self._source.cache_weights(), mx.maximum(rows, 0), scores,
+                                  out_dtype=mx.float32)
 
     def _routed_from_source(self, x2: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         """The routed experts' weighted sum, after the one host sync of the layer: which
@@ -202,10 +213,76 @@ class StreamingMoE(nn.Module):
         return y
 
 
+class _Lookups:
+    """The device-side slot lookups of one speculative step: (layer, inds, rows) per MoE layer.
+    (A plain object, not a list: an ``nn.Module`` would take a list's arrays for parameters.)"""
+
+    def __init__(self):
+        self.entries: list = []
+
+
+def _cache_state(cache: Optional[list]) -> Optional[list]:
+    """What a forward pass changes in mlx-lm's caches (offsets, state lists), to undo it.
+    A KV cache's arrays are written in place past its offset; restoring the offset is enough."""
+    if cache is None:
+        return None
+    return [None if c is None else {k: list(v) if isinstance(v, list) else v for k, v in vars(c).items()}
+            for c in cache]
+
+
+def _restore_cache(cache: Optional[list], state: Optional[list]) -> None:
+    for c, saved in zip(cache or [], state or []):
+        if c is not None:
+            vars(c).clear()
+            vars(c).update(saved)
+
+
 class StreamingModel:
-    """What every streaming architecture's ``Model`` adds to mlx-lm's model protocol."""
+    """What every streaming architecture's ``Model`` adds to mlx-lm's model protocol.
+
+    Architectures define ``forward(inputs, cache, input_embeddings)``; calling the model runs it,
+    and runs a decode step speculatively when the expert cache held every expert of the step
+    before: each MoE layer then looks its experts' slots up on the device instead of syncing
+    with the host, one check after the pass confirms that every expert was there, and a step
+    that missed one is undone (caches restored) and run again the synchronous way.
+    """
 
     expert_reader = None  # the ExpertReader, set by flash_moe.load
+
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None,
+                 input_embeddings: Optional[mx.array] = None) -> mx.array:
+        blocks = self.moe_blocks()
+        source = blocks[0]._source if blocks else None
+        if inputs.shape[-1] != 1 or input_embeddings is not None or not getattr(source, "speculative_lookups", False):
+            return self.forward(inputs, cache, input_embeddings)
+        if source.speculating:
+            out = self._speculative_step(inputs, cache, blocks, source)
+            if out is not None:
+                return out
+        misses = source.cache_misses
+        out = self.forward(inputs, cache)
+        source.speculating = source.cache_misses == misses  # every expert was in the cache
+        return out
+
+    def _speculative_step(self, inputs, cache, blocks, source) -> Optional[mx.array]:
+        saved = _cache_state(cache)
+        lookups = _Lookups()
+        for block in blocks:
+            block._lookups = lookups
+        try:
+            out = self.forward(inputs, cache)
+        finally:
+            for block in blocks:
+                block._lookups = None
+        all_found = mx.concatenate([rows.reshape(-1) for _, _, rows in lookups.entries]).min() >= 0
+        mx.eval(out, all_found)  # the one sync of the step
+        if all_found.item():
+            source.confirm([(layer, np.array(inds).reshape(-1)) for layer, inds, _ in lookups.entries])
+            return out
+        _restore_cache(cache, saved)
+        source.speculating = False
+        source.speculation_failures += 1
+        return None
 
     def moe_blocks(self) -> list:
         return [layer.mlp for layer in self.layers if isinstance(getattr(layer, "mlp", None), StreamingMoE)]

@@ -249,8 +249,8 @@ class Model(StreamingModel, nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: Optional[list] = None,
-                 input_embeddings: Optional[mx.array] = None) -> mx.array:
+    def forward(self, inputs: mx.array, cache: Optional[list] = None,
+                input_embeddings: Optional[mx.array] = None) -> mx.array:
         h = self.model(inputs, cache, input_embeddings)
         return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
 

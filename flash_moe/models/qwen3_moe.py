@@ -31,6 +31,10 @@ class Model(StreamingModel, _mlx.Model):
                 layer.mlp = StreamingMoE(i, args.hidden_size, args.num_experts, args.num_experts_per_tok,
                                          norm_topk_prob=args.norm_topk_prob)
 
+    def forward(self, inputs: mx.array, cache: Optional[list] = None,
+                input_embeddings: Optional[mx.array] = None) -> mx.array:
+        return _mlx.Model.__call__(self, inputs, cache, input_embeddings)
+
     def make_cache(self) -> list:
         return [KVCache() for _ in self.layers]
 
