@@ -66,6 +66,8 @@ class DiskExperts:
         if self._cache is not None and len(experts) <= self.slots:
             self._last = None
             return (*self._fetch_cached(layer, experts), None)
+        if self._cache is not None:  # more experts than slots: read past the cache, all misses
+            self.cache_misses += len(experts)
         i, self._turn = self._turn, self._turn ^ 1
         self._last = i
         if self._in_use[i] is not None:  # a computation still reading this set must end first

@@ -408,3 +408,13 @@ def test_failed_speculation_is_undone_and_rerun(packed4):
         logits.append(model(mx.argmax(logits[-1], axis=-1)[:, None], cache=cache)[:, -1])
     assert source.speculation_failures == 5
     assert mx.array_equal(mx.stack(logits), ref).item()
+
+
+def test_cache_smaller_than_a_step_never_speculates(packed4):
+    """With fewer slots than a layer's k experts every step reads past the cache: the model must
+    not keep attempting (and undoing) speculative steps."""
+    record = load_manifest(packed4).layout.record_size
+    model, _ = flash_moe.load(packed4, cache_bytes=1 * record)  # k = 2
+    decode(model)
+    source = model.moe_blocks()[0]._source
+    assert source.speculation_failures == 0 and not source.speculating

@@ -274,6 +274,8 @@ class StreamingModel:
         finally:
             for block in blocks:
                 block._lookups = None
+        if not lookups.entries:  # no MoE layer looked anything up
+            return out
         all_found = mx.concatenate([rows.reshape(-1) for _, _, rows in lookups.entries]).min() >= 0
         mx.eval(out, all_found)  # the one sync of the step
         if all_found.item():
