@@ -45,7 +45,8 @@ class DiskExperts:
         self.speculative_lookups = self.slots > 0
         self.speculating = False  # set by the model after a decode step without misses
         self.cache_misses = 0
-        self.speculation_failures = 0
+        self.speculative_steps = 0  # decode steps that ran without the per-layer host sync
+        self.speculation_failures = 0  # ... and those undone for a miss
         self._num_experts = reader.manifest.num_experts
         self._tables: dict = {}  # layer -> np.int32 [num_experts]
         self._tables_mx: dict = {}  # layer -> its MLX copy, made when first needed after a change

@@ -76,3 +76,27 @@ def test_qwen3_moe_reads_each_expert_once_per_layer_per_chunk(checkpoints):
     assert sorted(l for l, _ in calls) == [0, 2]
     for _, experts in calls:
         assert len(experts) == len(set(experts))
+
+
+def test_qwen3_moe_with_speculative_cache_lookups_matches_mlx_lm(checkpoints):
+    """The qwen3_moe model through the expert cache: the second greedy pass looks its slots up
+    on the device (no reads, no undone steps) and still follows mlx-lm's tokens."""
+    src, packed = checkpoints
+    ref, _ = load_model(src)
+    model, _ = flash_moe.load(packed, cache_bytes=64 << 20)
+    source = model.moe_blocks()[0]._source
+
+    def greedy(m, cache):
+        tok = int(mx.argmax(_logits(m, cache, [5, 17, 99, 3])[0, -1]))
+        out = [tok]
+        for _ in range(6):
+            tok = int(mx.argmax(_logits(m, cache, [tok])[0, -1]))
+            out.append(tok)
+        return out
+
+    expected = greedy(ref, make_prompt_cache(ref))
+    assert greedy(model, model.make_cache()) == expected
+    before, failures, steps = model.expert_reader.stats.copy(), source.speculation_failures, source.speculative_steps
+    assert greedy(model, model.make_cache()) == expected
+    assert (model.expert_reader.stats - before).reads == 0
+    assert source.speculative_steps - steps == 6 and source.speculation_failures == failures

@@ -385,12 +385,13 @@ def test_speculative_lookups_skip_the_host_sync_and_stay_exact(packed4, monkeypa
     real = StreamingMoE._routed_from_source
     monkeypatch.setattr(StreamingMoE, "_routed_from_source",
                         lambda self, *a: (host_routed.append(self.layer), real(self, *a))[1])
-    before, failures = model.expert_reader.stats.copy(), source.speculation_failures
+    before, failures, steps = model.expert_reader.stats.copy(), source.speculation_failures, source.speculative_steps
     assert mx.array_equal(decode(model), ref).item()
     delta = model.expert_reader.stats - before
     assert len(host_routed) == len(model.moe_blocks())  # the 6-token prompt only: decode steps skip it
     assert delta.reads == 0 and delta.cache_hits > 0
     assert source.speculation_failures == failures
+    assert source.speculative_steps - steps == 5  # every decode step of the second pass
 
 
 def test_failed_speculation_is_undone_and_rerun(packed4):

@@ -279,6 +279,7 @@ class StreamingModel:
         all_found = mx.concatenate([rows.reshape(-1) for _, _, rows in lookups.entries]).min() >= 0
         mx.eval(out, all_found)  # the one sync of the step
         if all_found.item():
+            source.speculative_steps += 1
             source.confirm([(layer, np.array(inds).reshape(-1)) for layer, inds, _ in lookups.entries])
             return out
         _restore_cache(cache, saved)
