@@ -67,12 +67,10 @@ def run_capped(limit: int, argv: List[str], timeout: float = 900) -> Dict:
         proc = subprocess.run(argv, preexec_fn=cap.join, capture_output=True, text=True, timeout=timeout)
         result: Dict = {"returncode": proc.returncode, "cgroup_peak": cap.peak(), "oom_kills": cap.oom_kills(),
                         "cgroup": "v2" if cap.v2 else "v1", "stdout": proc.stdout[-4000:],
-                        "stderr_all": proc.stderr[-20000:]}
+                        "stderr": proc.stderr[-20000:]}
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode == 0 and lines:
             result.update(json.loads(lines[-1]))
-        else:
-            result["stderr"] = proc.stderr[-2000:]
         return result
     finally:
         cap.close()

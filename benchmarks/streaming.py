@@ -223,10 +223,11 @@ def run(args) -> str:
     cmodel, creader = flash(cache_bytes=expert_bytes + rec)
     cached = decode_row("cached", cmodel, creader, warmup=n_tok)  # one full pass fills the cache
     ratio = cached["tok_s"] / res["tok_s"]
-    source = cmodel.moe_blocks()[0]._source
+    source = cmodel.expert_source
     t.add("expert cache", "LRU slots in device memory holding the working set: tok/s, vs resident, hit rate",
           f"{cached['tok_s']:.2f}, {ratio:.2f}x, {cached['hit_rate']:.0%} (slots looked up on the device; "
-          f"{source.speculative_steps} steps without host syncs, {source.speculation_failures} undone for a miss)", f"{runs} x {n_tok} tok", ">= 0.95x", ratio >= 0.95)
+          f"{source.speculative_steps} steps without host syncs, {source.speculation_failures} undone for a miss)",
+          f"{runs} x {n_tok} tok", ">= 0.95x", ratio >= 0.95)
     source.speculative_lookups = source.speculating = False  # the same, with a host sync per MoE layer
     synced = decode_row("cached, synchronous lookups", cmodel, creader)
     t.add("expert cache", "the same with synchronous lookups (a host sync per MoE layer): tok/s, vs resident",
@@ -258,7 +259,7 @@ def run(args) -> str:
         if not args.no_overmem:
             # First without a cap (in a group of its own, for the figures): what the process holds.
             probe = run_capped(1 << 42, argv)
-            stages = [l.split("] ", 1)[1] for l in probe.get("stderr_all", "").splitlines() if l.startswith("[overmem child]")]
+            stages = [l.split("] ", 1)[1] for l in probe.get("stderr", "").splitlines() if l.startswith("[overmem child]")]
             t.add("over memory", "the same child without a cap: memory at each stage", "; ".join(stages) or
                   f"rc={probe.get('returncode')}")
             om = run_capped(cap, argv)

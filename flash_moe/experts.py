@@ -43,8 +43,7 @@ class DiskExperts:
         # slots up there, without the per-layer host sync, and the model checks afterwards
         # (``StreamingModel.__call__``). ``speculative_lookups = False`` turns that off.
         self.speculative_lookups = self.slots > 0
-        self.speculating = False  # set by the model after a decode step without misses
-        self.cache_misses = 0
+        self.speculating = False  # set by the model after a decode step that read nothing
         self.speculative_steps = 0  # decode steps that ran without the per-layer host sync
         self.speculation_failures = 0  # ... and those undone for a miss
         self._num_experts = reader.manifest.num_experts
@@ -67,8 +66,6 @@ class DiskExperts:
         if self._cache is not None and len(experts) <= self.slots:
             self._last = None
             return (*self._fetch_cached(layer, experts), None)
-        if self._cache is not None:  # more experts than slots: read past the cache, all misses
-            self.cache_misses += len(experts)
         i, self._turn = self._turn, self._turn ^ 1
         self._last = i
         if self._in_use[i] is not None:  # a computation still reading this set must end first
@@ -107,7 +104,6 @@ class DiskExperts:
             self._slot_of[keys[j]] = rows[j]
             self._set_slot(keys[j], rows[j])
         if missing:
-            self.cache_misses += len(missing)
             try:
                 self.reader.read(layer, experts[missing], into=self._cache.views, rows=rows[missing])
             except BaseException:
@@ -119,21 +115,21 @@ class DiskExperts:
         self.reader.stats.cache_hits += len(keys) - len(missing)
         return self._cache.weights(), rows
 
-    def _set_slot(self, key: tuple, slot: int) -> None:
-        layer, expert = key
+    def _table(self, layer: int) -> np.ndarray:
         if layer not in self._tables:
             self._tables[layer] = np.full(self._num_experts, -1, dtype=np.int32)
-        self._tables[layer][expert] = slot
+        return self._tables[layer]
+
+    def _set_slot(self, key: tuple, slot: int) -> None:
+        layer, expert = key
+        self._table(layer)[expert] = slot
         self._tables_mx.pop(layer, None)
 
     def slot_table(self, layer: int) -> mx.array:
         """int32 [num_experts]: the cache slot of each expert of ``layer``, -1 where absent."""
-        table = self._tables_mx.get(layer)
-        if table is None:
-            if layer not in self._tables:
-                self._tables[layer] = np.full(self._num_experts, -1, dtype=np.int32)
-            table = self._tables_mx[layer] = mx.array(self._tables[layer])
-        return table
+        if layer not in self._tables_mx:
+            self._tables_mx[layer] = mx.array(self._table(layer))
+        return self._tables_mx[layer]
 
     def cache_weights(self) -> ExpertWeights:
         """Every slot of the expert cache, as the weights the kernels index."""

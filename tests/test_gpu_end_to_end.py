@@ -66,7 +66,7 @@ def test_speculative_cache_lookups_on_gpu(packed4):
     record = load_manifest(packed4).layout.record_size
     model, _ = flash_moe.load(packed4, cache_bytes=64 * record)
     decode_logits(model)  # fills the cache
-    source = model.moe_blocks()[0]._source
+    source = model.expert_source
     before, failures = model.expert_reader.stats.copy(), source.speculation_failures
     out = decode_logits(model)
     assert (model.expert_reader.stats - before).reads == 0

@@ -84,7 +84,7 @@ def test_qwen3_moe_with_speculative_cache_lookups_matches_mlx_lm(checkpoints):
     src, packed = checkpoints
     ref, _ = load_model(src)
     model, _ = flash_moe.load(packed, cache_bytes=64 << 20)
-    source = model.moe_blocks()[0]._source
+    source = model.expert_source
 
     def greedy(m, cache):
         tok = int(mx.argmax(_logits(m, cache, [5, 17, 99, 3])[0, -1]))

@@ -215,7 +215,7 @@ def test_failed_read_leaves_no_cache_entry(packed4, copy_of):
     model, _ = flash_moe.load(model_dir, cache_bytes=16 * m.layout.record_size)
     with pytest.raises(CorruptRecordError):
         mx.eval(model(mx.array([[1, 2, 3]])))
-    source = model.moe_blocks()[0]._source
+    source = model.expert_source
     assert not [key for key in source._slot_of if key[0] == 1]  # no slot claims a bad record
     with pytest.raises(CorruptRecordError):  # and it is not served from the cache later
         mx.eval(model(mx.array([[1, 2, 3]])))
@@ -379,7 +379,7 @@ def test_speculative_lookups_skip_the_host_sync_and_stay_exact(packed4, monkeypa
     record = load_manifest(packed4).layout.record_size
     model, _ = flash_moe.load(packed4, cache_bytes=32 * record)  # every expert of every layer fits
     decode(model)  # fills the cache
-    source = model.moe_blocks()[0]._source
+    source = model.expert_source
     assert source.speculating
     host_routed = []
     real = StreamingMoE._routed_from_source
@@ -401,7 +401,7 @@ def test_failed_speculation_is_undone_and_rerun(packed4):
     ref = decode(ref_model)
     record = load_manifest(packed4).layout.record_size
     model, _ = flash_moe.load(packed4, cache_bytes=3 * record)  # far less than a step's experts
-    source = model.moe_blocks()[0]._source
+    source = model.expert_source
     cache = model.make_cache()
     logits = [model(mx.array([[5, 17, 99, 200, 3, 44]]), cache=cache)[:, -1]]
     for _ in range(5):
@@ -417,5 +417,5 @@ def test_cache_smaller_than_a_step_never_speculates(packed4):
     record = load_manifest(packed4).layout.record_size
     model, _ = flash_moe.load(packed4, cache_bytes=1 * record)  # k = 2
     decode(model)
-    source = model.moe_blocks()[0]._source
+    source = model.expert_source
     assert source.speculation_failures == 0 and not source.speculating

@@ -311,8 +311,9 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
     Versions 1 and 2: two plans (gate/up into h, then down); the second plan's first input
     is an ``ArraySpec`` placeholder for h. Version 4: one plan whose output is a float32
     accumulator (``expert_mlp`` casts it). ``combine`` = (shared_out, shared_gate, residual)
-    fuses ``moe_combine`` into the last launch. ``inds`` must be int32. ``version`` picks the
-    projection kernels (default ``PROJECTION_VERSION``).
+    fuses ``moe_combine`` into v1's and v2's down launch, and adds it as a last launch to v4's
+    (it casts the sum back). ``inds`` must be int32. ``version`` picks the projection kernels
+    (default ``default_version``).
     """
     if not w.quantized or w.bits not in (2, 4, 8) or w.group_size not in (32, 64, 128):
         return None

@@ -249,22 +249,28 @@ class StreamingModel:
 
     expert_reader = None  # the ExpertReader, set by flash_moe.load
 
+    @property
+    def expert_source(self) -> Optional[ExpertSource]:
+        """Where the MoE layers get their experts (shared by all of them), once loaded."""
+        blocks = self.moe_blocks()
+        return blocks[0]._source if blocks else None
+
     def __call__(self, inputs: mx.array, cache: Optional[list] = None,
                  input_embeddings: Optional[mx.array] = None) -> mx.array:
-        blocks = self.moe_blocks()
-        source = blocks[0]._source if blocks else None
+        source = self.expert_source
         if inputs.shape[-1] != 1 or input_embeddings is not None or not getattr(source, "speculative_lookups", False):
             return self.forward(inputs, cache, input_embeddings)
         if source.speculating:
-            out = self._speculative_step(inputs, cache, blocks, source)
+            out = self._speculative_step(inputs, cache, source)
             if out is not None:
                 return out
-        misses = source.cache_misses
+        reads = source.reader.stats.reads
         out = self.forward(inputs, cache)
-        source.speculating = source.cache_misses == misses  # every expert was in the cache
+        source.speculating = source.reader.stats.reads == reads  # every expert was in the cache
         return out
 
-    def _speculative_step(self, inputs, cache, blocks, source) -> Optional[mx.array]:
+    def _speculative_step(self, inputs, cache, source) -> Optional[mx.array]:
+        blocks = self.moe_blocks()
         saved = _cache_state(cache)
         lookups = _Lookups()
         for block in blocks:
