@@ -390,3 +390,77 @@ def test_simulated_gated_delta_matches_reference(shape, dtype):
     assert not bool(mx.isnan(s).any()) and y.dtype == dtype
     assert rel(s, s_ref) < 1e-6
     assert rel(y, y_ref[:, 0]) < (1e-5 if dtype == mx.float32 else 1e-2)
+
+
+@pytest.fixture
+def simulated_launches(monkeypatch):
+    """``launch``'s kernels run by the CPU simulator: the replay cache's own path, off the GPU.
+    Yields the list of plans made (one entry per planned launch)."""
+    made = []
+
+    def fake_kernel(target, spec):
+        made.append(spec.name)
+
+        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value):
+            plan = launch.Plan(spec, list(inputs), dict(template), grid[0] // threadgroup[0], threadgroup[0],
+                               list(output_shapes), list(output_dtypes),
+                               None if init_value is None or np.isnan(init_value) else init_value)
+            return simt.simulate(plan)
+        return call
+
+    monkeypatch.setattr(launch, "_kernel", fake_kernel)
+    monkeypatch.setattr(launch, "_replays", {})
+    yield made
+
+
+@needs_cxx
+@pytest.mark.parametrize("version", [2, 4])
+def test_replayed_launches_take_each_calls_arrays(version, simulated_launches, few_threadgroups):
+    """Plans are made once per signature and replayed with later calls' arrays; a change of a
+    launch shape in TUNING, or of a shape, plans again."""
+    w = make_experts(4, 256, 128, 4, 64, seed=3)
+    inds = mx.array([[0, 3]], dtype=mx.int32)
+    sh, gate = mx.random.normal((1, 256)), mx.random.normal((1, 1))
+    for step in range(3):  # new x, routing and residual every call, as in a decode
+        x, res = mx.random.normal((1, 256)), mx.random.normal((1, 256))
+        scores = mx.softmax(mx.random.normal((1, 2)), axis=-1)
+        y = launch.expert_mlp("cuda", x, w, inds, scores, combine=(sh, gate, res), version=version)
+        expected = reference.moe_combine(reference.expert_mlp(x, w, inds, scores), sh, gate, res)
+        assert rel(y, expected) < 1e-5, step
+        y32 = launch.expert_mlp("cuda", x, w, inds, scores, version=version, out_dtype=mx.float32)
+        assert y32.dtype == mx.float32 and rel(y32, reference.expert_mlp(x, w, inds, scores)) < 1e-5
+    planned = len(simulated_launches)
+    # with the combine (v2: fused into down; v4: a second launch) and without: planned once each
+    assert planned == {2: 4, 4: 3}[version] and len(launch._replays) == 2
+
+    key = "expert_mlp_sk" if version == 4 else "gate_up_pf"
+    t = dict(launch.tuning(key, 4))
+    t["W"] = 1 if t["W"] > 1 else 2
+    launch.TUNING_BITS[(key, 4)] = t
+    try:
+        y32 = launch.expert_mlp("cuda", x, w, inds, scores, version=version, out_dtype=mx.float32)
+    finally:
+        del launch.TUNING_BITS[(key, 4)]
+    assert len(simulated_launches) == planned + {2: 2, 4: 1}[version]  # planned again
+    assert rel(y32, reference.expert_mlp(x, w, inds, scores)) < 1e-5
+
+    inds3 = mx.array([[0, 3, 1]], dtype=mx.int32)  # another k: another signature
+    scores3 = mx.softmax(mx.random.normal((1, 3)), axis=-1)
+    y32 = launch.expert_mlp("cuda", x, w, inds3, scores3, version=version, out_dtype=mx.float32)
+    assert rel(y32, reference.expert_mlp(x, w, inds3, scores3)) < 1e-5
+
+
+@needs_cxx
+def test_replayed_combine_and_delta_steps(simulated_launches):
+    shape = (1, 2, 4, 16, 16)
+    for seed in (1, 2):
+        q, k, v, g, beta, state = _delta_inputs(*shape, dtype=mx.float32, seed=seed)
+        y, s = launch.gated_delta_step("cuda", q, k, v, g, beta, state)
+        y_ref, s_ref = gated_delta_ops(*(a[:, None] for a in (q, k, v, g, beta)), state)
+        assert rel(s, s_ref) < 1e-6 and rel(y, y_ref[:, 0]) < 1e-5
+        e, sh, r = (mx.random.normal((2, 64)) for _ in range(3))
+        gate = mx.random.normal((2, 1))
+        out = launch.moe_combine("cuda", e, sh, gate, r, out_dtype=mx.bfloat16)
+        assert out.dtype == mx.bfloat16 and rel(out, reference.moe_combine(e, sh, gate, r)) < 1e-2
+    assert simulated_launches == ["gated_delta", "combine"]  # planned once each
+    assert launch.gated_delta_step("cuda", q[..., :12], k[..., :12], v, g, beta, state) is None  # DK != state's

@@ -58,7 +58,13 @@ TUNING_BITS: Dict[Tuple[str, int], Dict[str, int]] = {}
 
 def tuning(kernel: str, bits: int = 0) -> Dict[str, int]:
     """Launch shape of ``kernel`` for ``bits``-bit weights."""
-    return TUNING_BITS.get((kernel, bits), TUNING[kernel])
+    t = TUNING_BITS.get((kernel, bits), TUNING[kernel])
+    if _used_tuning is not None:  # a launch is being planned for the replay cache
+        _used_tuning.append((kernel, bits, dict(t)))
+    return t
+
+
+_used_tuning: Optional[List[Tuple[str, int, Dict[str, int]]]] = None
 
 
 # Largest token count the projection kernels take; beyond it gather_qmm is used.
@@ -133,6 +139,83 @@ def run(target: str, plan: Plan) -> List[mx.array]:
 def count_array(n: int) -> mx.array:
     """A one-element int32 array holding a run-time size (cached: decode repeats sizes)."""
     return mx.array([n], dtype=mx.int32)
+
+
+@dataclass(frozen=True)
+class Arg(ArraySpec):
+    """A named stand-in for one of a call's arrays: plans made from stand-ins are kept and
+    replayed with the arrays of later calls of the same shapes and dtypes."""
+
+    name: str
+
+
+_PREV = object()  # the previous launch's first output (an ArraySpec placeholder in a plan)
+
+
+@dataclass
+class _Step:
+    kernel: Any
+    inputs: List[Any]  # a stand-in's name, _PREV, or a constant array
+    template: List[Tuple[str, Any]]
+    grid: Tuple[int, int, int]
+    threadgroup: Tuple[int, int, int]
+    out_shapes: List[Tuple[int, ...]]
+    out_dtypes: List[Any]
+    init_value: Optional[float]
+
+
+@dataclass
+class _Replay:
+    steps: Optional[List[_Step]]  # None: the kernels do not cover these inputs
+    tunings: List[Tuple[str, int, Dict[str, int]]]  # the launch shapes the plans were made with
+
+
+# Planning checks every array's shape and dtype and builds template lists; on the GPU host
+# that cost ~20-45 us of Python per MoE call (more than the kernel). A decode step repeats the
+# same shapes every layer and token, so plans are made once per signature and replayed.
+_replays: Dict[tuple, _Replay] = {}
+
+
+def _stand_ins(arrays: Dict[str, Any]) -> Dict[str, Arg]:
+    return {name: Arg(tuple(a.shape), a.dtype, name) for name, a in arrays.items()}
+
+
+def _signature(arrays: Dict[str, Any]) -> tuple:
+    return tuple((name, a.shape, a.dtype) for name, a in arrays.items())
+
+
+def _replay(key: tuple, arrays: Dict[str, Any], make_plans) -> Optional[List[mx.array]]:
+    """Run the plans ``make_plans(stand_ins)`` makes for ``arrays``' signature, planning only
+    the first time (and again if a launch shape in ``TUNING`` changed since)."""
+    global _used_tuning
+    key = key + _signature(arrays)
+    rep = _replays.get(key)
+    if rep is None or any(tuning(k, b) != t for k, b, t in rep.tunings):
+        target = key[1]
+        _used_tuning = []
+        try:
+            plans = make_plans(_stand_ins(arrays))
+            used = _used_tuning
+        finally:
+            _used_tuning = None
+        steps = None if plans is None else [_step(target, plan) for plan in plans]
+        rep = _replays[key] = _Replay(steps, used)
+    if rep.steps is None:
+        return None
+    outs = None
+    for st in rep.steps:
+        inputs = [outs[0] if a is _PREV else arrays[a] if isinstance(a, str) else a for a in st.inputs]
+        outs = st.kernel(inputs=inputs, template=st.template, grid=st.grid, threadgroup=st.threadgroup,
+                         output_shapes=st.out_shapes, output_dtypes=st.out_dtypes,
+                         init_value=POISON if st.init_value is None else st.init_value)
+    return outs
+
+
+def _step(target: str, plan: Plan) -> _Step:
+    inputs = [a.name if isinstance(a, Arg) else _PREV if isinstance(a, ArraySpec) else a for a in plan.inputs]
+    return _Step(_kernel(target, plan.spec), inputs, codegen.template_args(plan.spec, plan.template),
+                 (plan.n_groups * plan.group_size, 1, 1), (plan.group_size, 1, 1), plan.out_shapes,
+                 plan.out_dtypes, plan.init_value)
 
 
 def proj_layout(dim: int, bits: int) -> Optional[Tuple[int, int]]:
@@ -372,16 +455,30 @@ def expert_mlp(target: str, x: mx.array, w: ExpertWeights, inds: mx.array, score
                out_dtype: Optional[mx.Dtype] = None) -> Optional[mx.array]:
     """Run the projection kernels (and the combine, if given); None when they do not cover
     the inputs. The result is in ``out_dtype``, by default x's (or the combine's) dtype."""
+    if not w.quantized or x.ndim != 2:
+        return None
     if inds.dtype != mx.int32:
         inds = inds.astype(mx.int32)
-    plans = plan_expert_mlp(target, x, w, inds, scores, combine, version)
-    if plans is None:
+    arrays = {"x": x, "inds": inds, "scores": scores}
+    for pname in ("gate", "up", "down"):
+        p = getattr(w, pname)
+        if p.scales is None or p.biases is None:
+            return None
+        arrays.update({pname + ".weight": p.weight, pname + ".scales": p.scales, pname + ".biases": p.biases})
+    if combine is not None:
+        arrays.update(shared_out=combine[0], shared_gate=combine[1], residual=combine[2])
+    version = default_version(x.shape[0]) if version is None else version
+
+    def make_plans(a: Dict[str, Arg]):
+        sw = ExpertWeights(*(Projection(a[n + ".weight"], a[n + ".scales"], a[n + ".biases"])
+                             for n in ("gate", "up", "down")), w.bits, w.group_size)
+        comb = None if combine is None else (a["shared_out"], a["shared_gate"], a["residual"])
+        return plan_expert_mlp(target, a["x"], sw, a["inds"], a["scores"], comb, version)
+
+    outs = _replay(("expert_mlp", target, version, w.bits, w.group_size), arrays, make_plans)
+    if outs is None:
         return None
-    y = None
-    for plan in plans:  # each launch's output is the next one's first input
-        if y is not None:
-            plan.inputs[0] = y
-        (y,) = run(target, plan)
+    y = outs[0]
     if out_dtype is None:
         out_dtype = x.dtype if combine is None else mx.result_type(x.dtype, combine[0].dtype, combine[1].dtype)
     return y if y.dtype == out_dtype else y.astype(out_dtype)
@@ -403,9 +500,9 @@ def plan_moe_combine(target: str, expert_out, shared_out, shared_gate, residual,
         out_dtype = mx.result_type(*(a.dtype for a in arrays))
     if out_dtype not in FLOATS:
         return None
-    W = TUNING["combine"]["W"]
+    W = tuning("combine")["W"]
     n = expert_out.size
-    count = count_array(n) if isinstance(residual, mx.array) else ArraySpec((1,), mx.int32)
+    count = count_array(n)
     return Plan(
         codegen.COMBINE, arrays + [count],
         dict(HD=shape[-1], W=W, ET=expert_out.dtype, ST=shared_out.dtype, GT=shared_gate.dtype,
@@ -416,8 +513,14 @@ def plan_moe_combine(target: str, expert_out, shared_out, shared_gate, residual,
 
 def moe_combine(target: str, expert_out, shared_out, shared_gate, residual,
                 out_dtype: Optional[mx.Dtype] = None) -> Optional[mx.array]:
-    plan = plan_moe_combine(target, expert_out, shared_out, shared_gate, residual, out_dtype)
-    return None if plan is None else run(target, plan)[0]
+    arrays = dict(expert_out=expert_out, shared_out=shared_out, shared_gate=shared_gate, residual=residual)
+
+    def make_plans(a: Dict[str, Arg]):
+        plan = plan_moe_combine(target, a["expert_out"], a["shared_out"], a["shared_gate"], a["residual"], out_dtype)
+        return None if plan is None else [plan]
+
+    outs = _replay(("moe_combine", target, out_dtype), arrays, make_plans)
+    return None if outs is None else outs[0]
 
 
 def plan_gated_delta_step(target: str, q, k, v, g, beta, state) -> Optional[Plan]:
@@ -435,7 +538,8 @@ def plan_gated_delta_step(target: str, q, k, v, g, beta, state) -> Optional[Plan
     lpr = lanes_per_row(DK // 4)
     if lpr is None:
         return None
-    R, W = TUNING["gated_delta"]["R"], TUNING["gated_delta"]["W"]
+    t = tuning("gated_delta")
+    R, W = t["R"], t["W"]
     rows_tg = W * R * (32 // lpr)
     return Plan(
         codegen.GATED_DELTA, [q, k, v, g, beta, state],
@@ -446,8 +550,14 @@ def plan_gated_delta_step(target: str, q, k, v, g, beta, state) -> Optional[Plan
 
 
 def gated_delta_step(target: str, q, k, v, g, beta, state) -> Optional[Tuple[mx.array, mx.array]]:
-    plan = plan_gated_delta_step(target, q, k, v, g, beta, state)
-    if plan is None:
+    arrays = dict(q=q, k=k, v=v, g=g, beta=beta, state=state)
+
+    def make_plans(a: Dict[str, Arg]):
+        plan = plan_gated_delta_step(target, a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"])
+        return None if plan is None else [plan]
+
+    outs = _replay(("gated_delta_step", target), arrays, make_plans)
+    if outs is None:
         return None
-    y, new_state = run(target, plan)
+    y, new_state = outs
     return y, new_state
