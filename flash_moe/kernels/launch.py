@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -59,12 +60,13 @@ TUNING_BITS: Dict[Tuple[str, int], Dict[str, int]] = {}
 def tuning(kernel: str, bits: int = 0) -> Dict[str, int]:
     """Launch shape of ``kernel`` for ``bits``-bit weights."""
     t = TUNING_BITS.get((kernel, bits), TUNING[kernel])
-    if _used_tuning is not None:  # a launch is being planned for the replay cache
-        _used_tuning.append((kernel, bits, dict(t)))
+    used = getattr(_planning, "used", None)
+    if used is not None:  # this thread is planning a launch for the replay cache
+        used.append((kernel, bits, dict(t)))
     return t
 
 
-_used_tuning: Optional[List[Tuple[str, int, Dict[str, int]]]] = None
+_planning = threading.local()  # .used: the launch shapes read while planning, per thread
 
 
 # Largest token count the projection kernels take; beyond it gather_qmm is used.
@@ -174,6 +176,7 @@ class _Replay:
 # that cost ~20-45 us of Python per MoE call (more than the kernel). A decode step repeats the
 # same shapes every layer and token, so plans are made once per signature and replayed.
 _replays: Dict[tuple, _Replay] = {}
+MAX_REPLAYS = 4096
 
 
 def _stand_ins(arrays: Dict[str, Any]) -> Dict[str, Arg]:
@@ -187,18 +190,18 @@ def _signature(arrays: Dict[str, Any]) -> tuple:
 def _replay(key: tuple, arrays: Dict[str, Any], make_plans) -> Optional[List[mx.array]]:
     """Run the plans ``make_plans(stand_ins)`` makes for ``arrays``' signature, planning only
     the first time (and again if a launch shape in ``TUNING`` changed since)."""
-    global _used_tuning
     key = key + _signature(arrays)
     rep = _replays.get(key)
     if rep is None or any(tuning(k, b) != t for k, b, t in rep.tunings):
         target = key[1]
-        _used_tuning = []
+        _planning.used = used = []
         try:
             plans = make_plans(_stand_ins(arrays))
-            used = _used_tuning
         finally:
-            _used_tuning = None
+            _planning.used = None
         steps = None if plans is None else [_step(target, plan) for plan in plans]
+        if len(_replays) >= MAX_REPLAYS:  # many shapes (prompts of every length): start over
+            _replays.clear()
         rep = _replays[key] = _Replay(steps, used)
     if rep.steps is None:
         return None
@@ -455,7 +458,7 @@ def expert_mlp(target: str, x: mx.array, w: ExpertWeights, inds: mx.array, score
                out_dtype: Optional[mx.Dtype] = None) -> Optional[mx.array]:
     """Run the projection kernels (and the combine, if given); None when they do not cover
     the inputs. The result is in ``out_dtype``, by default x's (or the combine's) dtype."""
-    if not w.quantized or x.ndim != 2:
+    if not w.quantized or x.ndim != 2 or x.shape[0] > MAX_TOKENS:  # (a prompt chunk: gather_qmm)
         return None
     if inds.dtype != mx.int32:
         inds = inds.astype(mx.int32)
