@@ -75,7 +75,7 @@ def main() -> None:
     expert_bytes = sum(f.stat().st_size for f in (paths["packed"] / "experts").glob("*.bin"))
     cached, _ = flash_moe.load(paths["packed"], cache_bytes=expert_bytes, check="never")
     source = cached.expert_source
-    for layer in range(args.layers):  # the cache holds every expert before any timing
+    for layer in cached.expert_reader.manifest.moe_layers:  # every expert cached before any timing
         source.fetch(layer, np.arange(args.experts))
     prompt = M.prompt_ids(8)
 

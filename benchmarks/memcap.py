@@ -76,14 +76,18 @@ def run_capped(limit: int, argv: List[str], timeout: float = 900) -> Dict:
         cap.close()
 
 
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (e.g. ``VmRSS``, ``VmHWM``), 0 if absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def own_usage() -> str:
     """The calling process's RSS and its memory cgroup's usage (anon / file), for progress lines."""
-    def kb(field: str) -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-        return 0
-    out = f"rss {kb('VmRSS') / 1024:.0f} MB"
+    out = f"rss {status_kb('VmRSS') / 1024:.0f} MB"
     groups = {}  # controller list -> path ("" is cgroup v2's unified line)
     for line in open("/proc/self/cgroup").read().splitlines():
         _, controllers, path = line.split(":", 2)

@@ -22,7 +22,7 @@ from typing import List
 import mlx.core as mx
 
 from . import measure as M
-from .memcap import child_argv, own_usage, run_capped
+from .memcap import child_argv, own_usage, run_capped, status_kb
 from .synthetic import Shape, ensure_models
 
 THREADS = (1, 2, 4, 8, 16)
@@ -48,11 +48,7 @@ def rss() -> int:
 
 def peak_rss() -> int:
     """This process's peak RSS since exec (VmHWM; ``ru_maxrss`` would include the forked parent's)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def expert_files(packed: Path) -> List[Path]:

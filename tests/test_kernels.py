@@ -400,13 +400,7 @@ def simulated_launches(monkeypatch):
 
     def fake_kernel(target, spec):
         made.append(spec.name)
-
-        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value):
-            plan = launch.Plan(spec, list(inputs), dict(template), grid[0] // threadgroup[0], threadgroup[0],
-                               list(output_shapes), list(output_dtypes),
-                               None if init_value is None or np.isnan(init_value) else init_value)
-            return simt.simulate(plan)
-        return call
+        return simt.kernel(target, spec)
 
     monkeypatch.setattr(launch, "_kernel", fake_kernel)
     monkeypatch.setattr(launch, "_replays", {})

@@ -126,15 +126,7 @@ def _kernel(target: str, spec: codegen.KernelSpec):
 
 def run(target: str, plan: Plan) -> List[mx.array]:
     """Launch a plan (compiling its kernel on first use)."""
-    return _kernel(target, plan.spec)(
-        inputs=plan.inputs,
-        template=codegen.template_args(plan.spec, plan.template),
-        grid=(plan.n_groups * plan.group_size, 1, 1),
-        threadgroup=(plan.group_size, 1, 1),
-        output_shapes=plan.out_shapes,
-        output_dtypes=plan.out_dtypes,
-        init_value=POISON if plan.init_value is None else plan.init_value,
-    )
+    return _launch(_step(target, plan), plan.inputs)
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,13 +179,12 @@ def _signature(arrays: Dict[str, Any]) -> tuple:
     return tuple((name, a.shape, a.dtype) for name, a in arrays.items())
 
 
-def _replay(key: tuple, arrays: Dict[str, Any], make_plans) -> Optional[List[mx.array]]:
+def _replay(target: str, key: tuple, arrays: Dict[str, Any], make_plans) -> Optional[List[mx.array]]:
     """Run the plans ``make_plans(stand_ins)`` makes for ``arrays``' signature, planning only
     the first time (and again if a launch shape in ``TUNING`` changed since)."""
-    key = key + _signature(arrays)
+    key = (target,) + key + _signature(arrays)
     rep = _replays.get(key)
     if rep is None or any(tuning(k, b) != t for k, b, t in rep.tunings):
-        target = key[1]
         _planning.used = used = []
         try:
             plans = make_plans(_stand_ins(arrays))
@@ -207,14 +198,18 @@ def _replay(key: tuple, arrays: Dict[str, Any], make_plans) -> Optional[List[mx.
         return None
     outs = None
     for st in rep.steps:
-        inputs = [outs[0] if a is _PREV else arrays[a] if isinstance(a, str) else a for a in st.inputs]
-        outs = st.kernel(inputs=inputs, template=st.template, grid=st.grid, threadgroup=st.threadgroup,
-                         output_shapes=st.out_shapes, output_dtypes=st.out_dtypes,
-                         init_value=POISON if st.init_value is None else st.init_value)
+        outs = _launch(st, [outs[0] if a is _PREV else arrays[a] if isinstance(a, str) else a for a in st.inputs])
     return outs
 
 
+def _launch(st: _Step, inputs: List[Any]) -> List[mx.array]:
+    return st.kernel(inputs=inputs, template=st.template, grid=st.grid, threadgroup=st.threadgroup,
+                     output_shapes=st.out_shapes, output_dtypes=st.out_dtypes,
+                     init_value=POISON if st.init_value is None else st.init_value)
+
+
 def _step(target: str, plan: Plan) -> _Step:
+    """The plan as a replayable launch: stand-ins by name, placeholders as the previous output."""
     inputs = [a.name if isinstance(a, Arg) else _PREV if isinstance(a, ArraySpec) else a for a in plan.inputs]
     return _Step(_kernel(target, plan.spec), inputs, codegen.template_args(plan.spec, plan.template),
                  (plan.n_groups * plan.group_size, 1, 1), (plan.group_size, 1, 1), plan.out_shapes,
@@ -478,7 +473,7 @@ def expert_mlp(target: str, x: mx.array, w: ExpertWeights, inds: mx.array, score
         comb = None if combine is None else (a["shared_out"], a["shared_gate"], a["residual"])
         return plan_expert_mlp(target, a["x"], sw, a["inds"], a["scores"], comb, version)
 
-    outs = _replay(("expert_mlp", target, version, w.bits, w.group_size), arrays, make_plans)
+    outs = _replay(target, ("expert_mlp", version, w.bits, w.group_size), arrays, make_plans)
     if outs is None:
         return None
     y = outs[0]
@@ -522,7 +517,7 @@ def moe_combine(target: str, expert_out, shared_out, shared_gate, residual,
         plan = plan_moe_combine(target, a["expert_out"], a["shared_out"], a["shared_gate"], a["residual"], out_dtype)
         return None if plan is None else [plan]
 
-    outs = _replay(("moe_combine", target, out_dtype), arrays, make_plans)
+    outs = _replay(target, ("moe_combine", out_dtype), arrays, make_plans)
     return None if outs is None else outs[0]
 
 
@@ -559,7 +554,7 @@ def gated_delta_step(target: str, q, k, v, g, beta, state) -> Optional[Tuple[mx.
         plan = plan_gated_delta_step(target, a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"])
         return None if plan is None else [plan]
 
-    outs = _replay(("gated_delta_step", target), arrays, make_plans)
+    outs = _replay(target, ("gated_delta_step",), arrays, make_plans)
     if outs is None:
         return None
     y, new_state = outs

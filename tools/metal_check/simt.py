@@ -241,3 +241,13 @@ def simulate(plan: Plan) -> List[mx.array]:
         m = mx.array(arr)
         result.append(m.view(mx.bfloat16) if dt == mx.bfloat16 else m)
     return result
+
+
+def kernel(target: str, spec: codegen.KernelSpec):
+    """A stand-in for ``launch._kernel``: a callable with the signature of MLX's custom kernels
+    that runs ``spec`` on the simulator (a NaN ``init_value``, the tests' poison, stays poison)."""
+    def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None):
+        fill = None if init_value is None or np.isnan(init_value) else init_value
+        return simulate(Plan(spec, list(inputs), dict(template), grid[0] // threadgroup[0], threadgroup[0],
+                             list(output_shapes), list(output_dtypes), fill))
+    return call
