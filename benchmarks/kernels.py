@@ -7,7 +7,9 @@ device-memory bandwidth measured in the same run (a large device copy).
 
 Timing: the calls of a batch are built first, then one ``mx.eval`` runs them all; the
 time of that eval over the number of calls is one sample, the median of several samples
-is reported. ``sets`` > 1 rotates independent copies of the records (different "layers")
+is reported. Calls of a batch are independent (the GPU may overlap them: a throughput)
+except in the ``chained`` rows, where each call's input is the previous call's output (the
+latency a decode sees, layer after layer). ``sets`` > 1 rotates independent copies of the records (different "layers")
 so that consecutive calls cannot hit in L2 (50 MB on an H100).
 
 Usage: python benchmarks/kernels.py [--quick] [--json PATH]
@@ -51,6 +53,23 @@ def timeit(make: Callable[[int], object], calls: int = 40, samples: int = 7) -> 
         mx.synchronize()
         times.append((time.perf_counter() - t) / calls)
     return statistics.median(times)
+
+
+def chained(call: Callable[[mx.array, int], mx.array], x0: mx.array) -> Callable[[int], object]:
+    """make(i) for ``timeit`` where call i's input is call i-1's output (a new chain at i = 0).
+
+    Independent calls in one evaluation may run side by side on the GPU (MLX records them in a
+    CUDA graph), so their time per call is a throughput that hides each launch's ramp and tail;
+    a decode runs its MoE layers one after the other, and this is that latency."""
+    state = {"x": x0}
+
+    def make(i: int):
+        if i == 0:
+            state["x"] = x0
+        y = call(state["x"], i)
+        state["x"] = y
+        return y
+    return make
 
 
 def peak_bandwidth() -> float:
@@ -137,6 +156,10 @@ def bench_expert_mlp(peak: float, bits: int, k: int, N: int, sets: int, with_loo
     case = f"b{bits} k{k} N{N} sets{sets}"
     kind = f"expert_mlp{version}"
     row(kind, case, ours, ref, nbytes, peak, "gather_qmm (ref)", err)
+    if N == 1:  # latency: each call takes the previous call's output as its x, as layers do
+        lat = timeit(chained(lambda xi, i: launch.expert_mlp(target, xi, ws[i % sets], inds, scores, version=version), x))
+        lat_ref = timeit(chained(lambda xi, i: reference.expert_mlp(xi, ws[i % sets], inds, scores), x))
+        row(kind, case + " chained", lat, lat_ref, nbytes, peak, "gather_qmm chained")
     if sets > 1:  # the routed sum in float32, as the MoE layer asks for it (v4: no cast back)
         f32 = timeit(lambda i: launch.expert_mlp(target, x, ws[i % sets], inds, scores, version=version,
                                                  out_dtype=mx.float32))
@@ -158,6 +181,10 @@ CONFIGS = {
                            dict(C=64, W=4, R=1, RD=4), dict(C=64, W=2, R=1, RD=2), dict(C=128, W=4, R=1, RD=2),
                            dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),
                            dict(C=32, W=8, R=1, RD=1)]),),
+    5: (("expert_mlp_ska", [dict(C=64, W=4, R=1, RD=4, P=4), dict(C=64, W=4, R=1, RD=4, P=3),
+                            dict(C=64, W=4, R=1, RD=2, P=4), dict(C=64, W=4, R=1, RD=4, P=6),
+                            dict(C=64, W=2, R=1, RD=4, P=6), dict(C=64, W=8, R=1, RD=4, P=3),
+                            dict(C=32, W=2, R=1, RD=4, P=4), dict(C=32, W=4, R=1, RD=4, P=4)]),),
 }
 
 
@@ -173,12 +200,13 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
     best = {}
     for index, (key, configs) in enumerate(CONFIGS[version]):
         # gate/up reads two matrices, down one; v4's one launch all three
-        nbytes = (3 if version == 4 else 2 - index) * k * per
+        nbytes = (3 if version in (4, 5) else 2 - index) * k * per
         for cfg in configs:
             launch.TUNING_BITS[(key, bits)] = dict(cfg)
             plans = [launch.plan_expert_mlp(target, x, w, inds, scores, version=version) for w in ws]
-            if version == 4 and plans[0][0].spec is not codegen.EXPERT_MLP_SK:
-                continue  # this shape falls back to v1
+            wanted = {4: codegen.EXPERT_MLP_SK, 5: codegen.EXPERT_MLP_SKA}.get(version)
+            if wanted is not None and plans[0][0].spec is not wanted:
+                continue  # this shape falls back to another version
             if index == 0:
                 t = timeit(lambda i: launch.run(target, plans[i % sets][0]))
             else:
@@ -188,11 +216,14 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
                     p[1].inputs[0] = h
                 t = timeit(lambda i: launch.run(target, plans[i % sets][1]))
             tmpl = plans[0][index].template
-            shape = " ".join(f"{n}{tmpl[n]}" for n in ("C", "R", "RD", "W", "G", "RPT") if n in tmpl)
+            shape = " ".join(f"{n}{tmpl[n]}" for n in ("C", "R", "RD", "W", "P", "G", "RPT") if n in tmpl)
             row(key, f"b{bits} k{k} {shape} sets{sets}", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:
                 best[key] = (t, dict(cfg))
-        launch.TUNING_BITS[(key, bits)] = best[key][1]
+        if key in best:
+            launch.TUNING_BITS[(key, bits)] = best[key][1]
+        else:  # no launch shape fits these sizes: the version falls back, nothing to tune
+            launch.TUNING_BITS.pop((key, bits), None)
     print(f"autotune v{version} b{bits}: " + ", ".join(f"{k_}={v[1]}" for k_, v in best.items()), flush=True)
 
 
@@ -243,7 +274,7 @@ def bench_gated_delta(peak: float, B: int, dtype) -> None:
 def dry_run() -> None:
     """Exercise this script off the GPU: small shapes, kernels run by the CPU simulator."""
     global H, I, CALLS_SCALE
-    H, I, CALLS_SCALE = 256, 128, 0.01
+    H, I, CALLS_SCALE = 1024, 128, 0.01  # (v5 needs rows of at least a warp's width: 1024 at 4 bits)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "metal_check"))
     import simt
 
@@ -256,7 +287,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer cases")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--dry-run", action="store_true", help="check the script on the CPU (simulated kernels)")
-    ap.add_argument("--versions", default="1,2,4", help="projection kernel versions to time (default 1,2,4)")
+    ap.add_argument("--no-autotune", action="store_true", help="time the launch shapes in launch.TUNING as they are")
+    ap.add_argument("--versions", default="1,2,4,5", help="projection kernel versions to time (default 1,2,4,5)")
     args = ap.parse_args()
     if args.dry_run:
         dry_run()
@@ -269,7 +301,7 @@ def main() -> None:
     print(HEADER)
     versions = [int(v) for v in args.versions.split(",")]
     for version in versions:
-        for bits in (4, 2):
+        for bits in (4, 2) if not args.no_autotune else ():
             autotune(peak, bits, version)
         for bits in (4, 2):
             for k in (10, 4):

@@ -86,8 +86,10 @@ def status_kb(field: str) -> int:
 
 
 def own_usage() -> str:
-    """The calling process's RSS and its memory cgroup's usage (anon / file), for progress lines."""
-    out = f"rss {status_kb('VmRSS') / 1024:.0f} MB"
+    """The calling process's RSS (anonymous / file-mapped / shared parts) and its memory cgroup's
+    usage (anon / file), for progress lines."""
+    parts = " / ".join(f"{status_kb(f) / 1024:.0f}" for f in ("RssAnon", "RssFile", "RssShmem"))
+    out = f"rss {status_kb('VmRSS') / 1024:.0f} MB (anon / file / shmem {parts})"
     groups = {}  # controller list -> path ("" is cgroup v2's unified line)
     for line in open("/proc/self/cgroup").read().splitlines():
         _, controllers, path = line.split(":", 2)

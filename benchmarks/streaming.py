@@ -16,6 +16,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import List
 
@@ -73,27 +74,32 @@ class Table:
         return "\n".join([line(head), "-+-".join("-" * x for x in w)] + [line(r) for r in self.rows])
 
 
-def start_gpu_runtime() -> None:
-    """Decode two tokens of a tiny packed model made in a temporary directory, then free it.
+def warmup_shape(shape: Shape) -> Shape:
+    """The benchmark model's shapes in a model small enough to load anywhere: the same hidden and
+    expert sizes, k, dtype and bits (so the same kernels and matmul shapes), 4 layers (both
+    attention kinds) and only the experts one token needs."""
+    return replace(shape, layers=min(shape.layers, 4), experts=shape.top_k)
 
-    The GPU runtime maps its libraries and allocates its host-side state at the first forward
-    pass: ~0.7-0.9 GB of host memory whatever the model (+730 MB on an H200, ~890 MB on an H100
-    with MLX CUDA 0.32.4). Started before the real model is loaded, that memory is part of the
-    measured footprint after load instead of a constant assumed in the bound.
+
+def start_gpu_runtime(packed: Path, threads: int, cache_bytes: int) -> None:
+    """Run the over-memory child's decode (8-token prompt, 2 tokens) on the small model of the
+    same shapes (``warmup_shape``) and free it.
+
+    The GPU runtime maps its libraries, loads the kernels for the shapes it meets and allocates
+    its host-side state at the first forward pass: ~0.9 GB of host memory on an H100 with MLX
+    CUDA 0.32.4, of which ~0.2 GB only appears at the real model's shapes (session 6: a tiny
+    model's warm-up left that to the first real pass). Started this way before the real model
+    is loaded, it is part of the footprint measured after load instead of a constant in the bound.
     """
     import gc
-    import tempfile
 
     import flash_moe
-    from flash_moe.tiny import make_tiny_checkpoint
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src = make_tiny_checkpoint(Path(tmp) / "hf", dtype="bfloat16")
-        packed = flash_moe.convert(src, Path(tmp) / "packed", progress=False)
-        model, _ = flash_moe.load(packed, check="never")
-        M.decode(model, model.make_cache, M.prompt_ids(4), 2)
-        del model
-        gc.collect()
+    model, _ = flash_moe.load(packed, threads=threads, cache_bytes=cache_bytes, max_read_bytes=cache_bytes,
+                              check="never")
+    M.decode(model, model.make_cache, M.prompt_ids(8), 2)
+    del model
+    gc.collect()
     mx.clear_cache()
 
 
@@ -111,9 +117,9 @@ def overmem_child(args) -> None:
     # MLX keeps freed buffers for reuse; under a cap that cache must be bounded like any other.
     mx.set_cache_limit(args.cache_bytes // 2)
     base = rss()
-    if mx.default_device().type == mx.gpu:
-        start_gpu_runtime()
-        stage("GPU runtime started")
+    if args.warmup_packed:
+        start_gpu_runtime(Path(args.warmup_packed), args.threads, args.cache_bytes)
+        stage("GPU runtime started (small model, same shapes)")
     runtime = rss() - base
     model, _ = flash_moe.load(args.packed, threads=args.threads, cache_bytes=args.cache_bytes,
                               max_read_bytes=args.cache_bytes, check="never")
@@ -279,6 +285,8 @@ def run(args) -> str:
     budget = min(64 << 20, cap // 8)
     argv = child_argv("--overmem-child", "--packed", str(packed), "--tokens", str(n_tok), "--threads",
                       str(args.threads), "--cache-bytes", str(budget))
+    if not cpu:  # the GPU runtime's host memory is measured, at the model's shapes (start_gpu_runtime)
+        argv += ["--warmup-packed", str(ensure_models(warmup_shape(shape), Path(args.workdir), log)["packed"])]
     try:
         if not args.no_overmem:
             # First without a cap (in a group of its own, for the figures): what the process holds.
@@ -350,6 +358,7 @@ def parser(p: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
     p.add_argument("--packed", help=argparse.SUPPRESS)
     p.add_argument("--cache-bytes", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--prefetch", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--warmup-packed", default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -301,7 +301,7 @@ needs_cxx = pytest.mark.skipif(simt.find_compiler() is None, reason="no C++20 co
 def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1):
     plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, combine, version=version)
     assert plans is not None
-    assert (plans[0].spec.name == "expert_mlp_sk") == (version == 4)
+    assert (plans[0].spec.name in ("expert_mlp_sk", "expert_mlp_ska")) == (version in (4, 5))
     y = None
     for plan in plans:
         if y is not None:
@@ -357,6 +357,61 @@ def test_simulated_expert_kernels_match_reference(bits, gs, H, I, N, K, xdt, sdt
 
 
 @needs_cxx
+@pytest.mark.parametrize("bits, gs, H, I, N, K, xdt, sdt", [
+    (4, 64, 1024, 256, 1, 4, mx.float32, mx.bfloat16),
+    (4, 128, 1024, 128, 2, 2, mx.bfloat16, mx.float32),  # float32 scales; one group per down row
+    (2, 64, 2048, 128, 1, 3, mx.float32, mx.bfloat16),
+    (8, 32, 512, 64, 1, 2, mx.float16, mx.float16),      # two down groups per chunk: the word's halves
+])
+@pytest.mark.parametrize("P, RD", [(4, 4), (2, 1), (3, 2)])
+def test_simulated_staged_split_k_matches_reference(bits, gs, H, I, N, K, xdt, sdt, P, RD, monkeypatch):
+    """v5: every warp's stages go around its ring several times; the simulator delivers each
+    asynchronous copy only at the wait that retires it, so a stage read early reads stale data."""
+    monkeypatch.setitem(launch.TUNING, "expert_mlp_ska", {"C": 64, "W": 2, "R": 1, "RD": RD, "P": P})
+    U = 5
+    w = make_experts(U, H, I, bits, gs, sdt, seed=bits + P)
+    x = mx.random.normal((N, H)).astype(xdt)
+    inds = mx.array(np.random.default_rng(H + P).integers(0, U, (N, K)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1).astype(xdt)
+    (plan,) = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=5)
+    t = plan.template
+    assert plan.spec.name == "expert_mlp_ska" and t["P"] == P and plan.shared_memory > 0
+    assert t["C"] // t["R"] // t["W"] > P  # the gate/up stages wrap around the ring
+    y = _sim_expert_mlp(x, w, inds, scores, version=5)
+    assert y.dtype == xdt and not bool(mx.isnan(y).any())
+    assert rel(y, np_expert_mlp(x, w, inds, scores)) < (1e-5 if xdt == mx.float32 else 1e-2)
+
+
+def test_two_launch_kernels_write_the_asked_dtype():
+    """The MoE layer asks for the routed sum in float32: v1's and v2's down kernel writes it
+    directly (no cast launch after it); the default for every token count is v2."""
+    w = make_experts(4, 64, 64, 4, 64, seed=2)
+    x, inds, scores = mx.random.normal((1, 64)).astype(mx.bfloat16), mx.array([[0, 1]], dtype=mx.int32), mx.ones((1, 2))
+    assert launch.default_version(1) == launch.default_version(8) == 2 or launch.PROJECTION_VERSION != "auto"
+    for version in (1, 2):
+        plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=version, out_dtype=mx.float32)
+        assert plans[-1].out_dtypes == [mx.float32] and plans[-1].template["OutT"] == mx.float32
+        assert launch.plan_expert_mlp("cuda", x, w, inds, scores, version=version)[-1].out_dtypes == [mx.bfloat16]
+    assert launch.plan_expert_mlp("cuda", x, w, inds, scores, version=2, out_dtype=mx.int32) is None
+
+
+def test_staged_split_k_falls_back_where_it_does_not_fit():
+    """Rows shorter than a warp (the tiny models) take v4; the ring must fit in threadgroup
+    memory (Metal: 32 KiB, so the real shapes do not fit there and Macs run v4)."""
+    w = make_experts(4, 64, 64, 4, 64, seed=1)
+    x, inds, scores = mx.random.normal((1, 64)), mx.array([[0, 1]], dtype=mx.int32), mx.ones((1, 2))
+    assert launch.plan_expert_mlp("cuda", x, w, inds, scores, version=5)[0].spec.name == "expert_mlp_sk"
+    big = launch.ArraySpec((1, 4096), mx.bfloat16)
+    wb = ExpertWeights(*(Projection(launch.ArraySpec((8, r, c * 4 // 32), mx.uint32), launch.ArraySpec((8, r, c // 64), mx.bfloat16),
+                                    launch.ArraySpec((8, r, c // 64), mx.bfloat16))
+                         for r, c in ((1024, 4096), (1024, 4096), (4096, 1024))), 4, 64)
+    ib, sb = launch.ArraySpec((1, 10), mx.int32), launch.ArraySpec((1, 10), mx.bfloat16)
+    (cuda,) = launch.plan_expert_mlp("cuda", big, wb, ib, sb, version=5)
+    assert cuda.spec.name == "expert_mlp_ska" and 48 * 1024 < cuda.shared_memory <= 227 * 1024
+    assert launch.plan_expert_mlp("metal", big, wb, ib, sb, version=5)[0].spec.name == "expert_mlp_sk"
+
+
+@needs_cxx
 @pytest.mark.parametrize("version", [1, 2, 4])
 def test_simulated_fused_combine_matches_reference(version):
     w = make_experts(4, 64, 64, 4, 64, seed=7)
@@ -398,9 +453,9 @@ def simulated_launches(monkeypatch):
     Yields the list of plans made (one entry per planned launch)."""
     made = []
 
-    def fake_kernel(target, spec):
+    def fake_kernel(target, spec, shared_memory=0):
         made.append(spec.name)
-        return simt.kernel(target, spec)
+        return simt.kernel(target, spec, shared_memory)
 
     monkeypatch.setattr(launch, "_kernel", fake_kernel)
     monkeypatch.setattr(launch, "_replays", {})

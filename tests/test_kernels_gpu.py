@@ -61,9 +61,10 @@ def test_kernels_are_the_active_path():
     assert K.active_backend() in ("metal", "cuda")
 
 
-@pytest.fixture(params=[1, 2, 4], ids=["v1", "v2", "v4"])
+@pytest.fixture(params=[1, 2, 4, 5], ids=["v1", "v2", "v4", "v5"])
 def projection_version(request, monkeypatch):
-    """Every projection kernel version (v2, prefetching, is the default; v4 is split-K)."""
+    """Every projection kernel version (v1 the fallback, v2 prefetching, v4 split-K, v5 split-K
+    with asynchronously staged weights; at these shapes each runs its own kernel)."""
     monkeypatch.setattr(launch, "PROJECTION_VERSION", request.param)
     return request.param
 

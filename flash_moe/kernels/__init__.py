@@ -10,8 +10,8 @@ Both GPU builds come from one algorithm text per kernel (``sources.py``, ``codeg
 Inputs a kernel does not cover (unquantized experts, unusual shapes or dtypes, large
 token counts) silently take the reference path. Force the reference everywhere with the
 environment variable ``FLASH_MOE_KERNELS=reference`` or ``set_backend("reference")``.
-``FLASH_MOE_PROJECTION`` = 1, 2 or 4 forces one version of the expert-projection kernels
-(default: the split-K v4 for one token, the prefetching v2 for more; see
+``FLASH_MOE_PROJECTION`` = 1, 2, 4 or 5 forces one version of the expert-projection kernels
+(default: the prefetching v2 for every token count; 4 and 5 are the split-K variants; see
 ``benchmarks/KERNELS_NOTES.md``).
 """
 

@@ -38,6 +38,15 @@ METAL_MACROS = r"""
 #define FM_AS_FLOAT(u) as_type<float>(u)
 #define FM_EXP(v) metal::exp(v)
 #define FM_ATOMIC_ADD(p, v) metal::atomic_fetch_add_explicit((p), (v), metal::memory_order_relaxed)
+// Staging through threadgroup memory (v5): Metal has no asynchronous global->threadgroup copy,
+// so a copy is a plain load and store, and commit/wait have nothing to do.
+#define FM_TG threadgroup
+#define FM_RING(T, name, count) threadgroup T name[count]
+#define FM_WARP_SYNC() metal::simdgroup_barrier(metal::mem_flags::mem_threadgroup)
+#define FM_CP_ASYNC16(dst, src) (*(dst) = *(src))
+#define FM_CP_ASYNC4(dst, src) (*(dst) = *(src))
+#define FM_CP_COMMIT()
+#define FM_CP_WAIT(n)
 """
 
 CUDA_MACROS = r"""
@@ -51,6 +60,24 @@ CUDA_MACROS = r"""
 #define FM_AS_FLOAT(u) __uint_as_float(u)
 #define FM_EXP(v) expf(v)
 #define FM_ATOMIC_ADD(p, v) atomicAdd((p), (v))
+// Staging through shared memory (v5): cp.async copies (sm_80+) that hold no registers while
+// in flight; a thread waits for its own groups, and the warp syncs before reading others'.
+// The ring is the kernel's dynamic shared memory (the launch passes its size).
+#define FM_TG
+#define FM_RING(T, name, count) extern __shared__ T name[]
+#define FM_WARP_SYNC() __syncwarp()
+#define FM_CP_ASYNC16(dst, src) fm_cp_async16((dst), (src))
+#define FM_CP_ASYNC4(dst, src) fm_cp_async4((dst), (src))
+#define FM_CP_COMMIT() asm volatile("cp.async.commit_group;\n" ::: "memory")
+#define FM_CP_WAIT(n) asm volatile("cp.async.wait_group %0;\n" ::"n"(n) : "memory")
+FM_INLINE void fm_cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+               ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+}
+FM_INLINE void fm_cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+               ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+}
 """
 
 # Metal's wrapper declares a built-in only when its name appears in the body, so the
@@ -156,6 +183,12 @@ EXPERT_MLP_SK = KernelSpec(
     body=sources_splitk.EXPERT_MLP_SK,
     template=("BITS", "GS", "D", "I", "K", "C", "W", "R", "RD", "XT", "ST", "RT"), atomic_outputs=True,
 )
+# v5: v4 with each warp's weights staged through threadgroup memory by asynchronous copies.
+EXPERT_MLP_SKA = KernelSpec(
+    name="expert_mlp_ska", inputs=EXPERT_MLP_SK.inputs, outputs=("y",),
+    body=sources_splitk.EXPERT_MLP_SKA,
+    template=("BITS", "GS", "D", "I", "K", "C", "W", "R", "RD", "P", "XT", "ST", "RT"), atomic_outputs=True,
+)
 COMBINE = KernelSpec(
     name="combine",
     inputs=("expert_out", "shared_out", "shared_gate", "residual", "params"),
@@ -172,7 +205,7 @@ GATED_DELTA = KernelSpec(
 )
 
 ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, DOWN_PF, DOWN_COMBINE_PF,
-                                     EXPERT_MLP_SK, COMBINE, GATED_DELTA)
+                                     EXPERT_MLP_SK, EXPERT_MLP_SKA, COMBINE, GATED_DELTA)
 
 
 # --------------------------------------------------------------------------------------

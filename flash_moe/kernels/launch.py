@@ -36,14 +36,19 @@ TUNING: Dict[str, Dict[str, int]] = {
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
     "expert_mlp_sk": {"C": 64, "W": 4, "R": 1, "RD": 2},
+    # v5 (v4 with asynchronously staged weights). P: ring stages per warp.
+    "expert_mlp_ska": {"C": 64, "W": 4, "R": 1, "RD": 4, "P": 4},
     "combine": {"W": 8},
     "gated_delta": {"R": 2, "W": 4},
 }
 
 # Which projection kernels run: 1 (the fallback for shapes the others do not cover), 2
-# (prefetching: 45.5 us vs 52.2 us for v1 at 4-bit k=10 on an H100), 4 (split-K in one launch
-# with an atomic sum: faster at one token, not bit-reproducible from run to run), or "auto"
-# (the default): 4 for one token, 2 for more (benchmarks/KERNELS_NOTES.md, Run 5).
+# (prefetching, two launches), 4 (split-K in one launch with an atomic sum, not bit-reproducible
+# from run to run), 5 (4 with asynchronously staged weights), or "auto" (the default): 2. Timed
+# one call after the other, as a decode's layers run, v2 is the fastest at every measured size
+# on the H100 (4-bit k=10: 61-68 us per call against 90-95 for v4, 82-83 for v5; GPU time alone,
+# CUPTI: 43.6 / 65.0 / 57.2 us); v4 only looked faster when independent calls overlapped on the
+# GPU (benchmarks/KERNELS_NOTES.md, Run 7).
 PROJECTION_VERSION = os.environ.get("FLASH_MOE_PROJECTION", "auto")
 
 
@@ -51,7 +56,7 @@ def default_version(tokens: int) -> int:
     """The projection kernels used for ``tokens`` rows when the caller names no version."""
     if str(PROJECTION_VERSION) != "auto":
         return int(PROJECTION_VERSION)
-    return 4 if tokens == 1 else 2
+    return 2
 
 # Per-bits overrides of TUNING, keyed (kernel, bits); the benchmark's autotune fills them.
 TUNING_BITS: Dict[Tuple[str, int], Dict[str, int]] = {}
@@ -72,8 +77,10 @@ _planning = threading.local()  # .used: the launch shapes read while planning, p
 # Largest token count the projection kernels take; beyond it gather_qmm is used.
 MAX_TOKENS = 8
 
-# Threadgroup memory per threadgroup: Metal guarantees 32 KiB, CUDA's static limit is 48 KiB.
+# Threadgroup memory per threadgroup: Metal guarantees 32 KiB, CUDA's static limit is 48 KiB;
+# CUDA's dynamic shared memory (v5's ring) may use up to 227 KiB on sm_80/sm_90.
 SMEM_LIMIT = {"metal": 32 * 1024, "cuda": 48 * 1024}
+DYNAMIC_SMEM_LIMIT = {"metal": 32 * 1024, "cuda": 227 * 1024}
 
 # Value written into every output before a launch (tests poison with NaN to catch
 # elements a kernel never writes); None leaves outputs uninitialised.
@@ -111,17 +118,20 @@ class Plan:
     out_shapes: List[Tuple[int, ...]]
     out_dtypes: List[Any]
     init_value: Optional[float] = None  # filled into the outputs first (atomic sums need 0)
+    shared_memory: int = 0  # bytes of dynamic shared memory (CUDA; Metal declares it statically)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(target: str, spec: codegen.KernelSpec):
+def _kernel(target: str, spec: codegen.KernelSpec, shared_memory: int = 0):
     header, source = codegen.render(spec, target)
     kwargs = dict(name=spec.kernel_name(target), input_names=list(spec.inputs),
                   output_names=list(spec.outputs), source=source, header=header,
                   ensure_row_contiguous=True)
     if target == "metal":
         return mx.fast.metal_kernel(atomic_outputs=spec.atomic_outputs, **kwargs)
-    return mx.fast.cuda_kernel(**kwargs)  # a CUDA output is a plain pointer, atomics or not
+    # A CUDA output is a plain pointer, atomics or not. MLX raises a kernel's dynamic shared
+    # memory limit itself when the request exceeds 48000 bytes.
+    return mx.fast.cuda_kernel(shared_memory=shared_memory, **kwargs)
 
 
 def run(target: str, plan: Plan) -> List[mx.array]:
@@ -211,7 +221,8 @@ def _launch(st: _Step, inputs: List[Any]) -> List[mx.array]:
 def _step(target: str, plan: Plan) -> _Step:
     """The plan as a replayable launch: stand-ins by name, placeholders as the previous output."""
     inputs = [a.name if isinstance(a, Arg) else _PREV if isinstance(a, ArraySpec) else a for a in plan.inputs]
-    return _Step(_kernel(target, plan.spec), inputs, codegen.template_args(plan.spec, plan.template),
+    smem = plan.shared_memory if target == "cuda" else 0
+    return _Step(_kernel(target, plan.spec, smem), inputs, codegen.template_args(plan.spec, plan.template),
                  (plan.n_groups * plan.group_size, 1, 1), (plan.group_size, 1, 1), plan.out_shapes,
                  plan.out_dtypes, plan.init_value)
 
@@ -279,7 +290,7 @@ def _down_inputs(w: ExpertWeights, pairs: int, I: int, inds, scores) -> list:
     return [ArraySpec((pairs, I), mx.float32), w.down.weight, w.down.scales, w.down.biases, inds, scores]
 
 
-def _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
+def _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     """gate/up: W warps x R row slots x SUB rows per threadgroup, one (token, slot) pair each;
     down: R x SUB rows per threadgroup, its W warps split the K experts."""
     bits, gs = w.bits, w.group_size
@@ -303,13 +314,13 @@ def _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
         codegen.DOWN,
         _down_inputs(w, N * K, I, inds, scores),
         dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, W=Wd, ST=w.down.scales.dtype, RT=scores.dtype,
-             OutT=x.dtype),
-        N * (D // (Rd * sub_i)), Wd * 32, [(N, D)], [x.dtype],
+             OutT=out_dtype),
+        N * (D // (Rd * sub_i)), Wd * 32, [(N, D)], [out_dtype],
     )
     return gate_up, down
 
 
-def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
+def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     """gate/up: the K*I rows of a token in items of R*SUB rows, G threadgroups per token;
     down: one warp per expert (K <= 16), RPT rows per threadgroup."""
     if K > 16:
@@ -344,8 +355,8 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i):
         codegen.DOWN_PF,
         _down_inputs(w, N * K, I, inds, scores),
         dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, RPT=rpt, ST=w.down.scales.dtype, RT=scores.dtype,
-             OutT=x.dtype),
-        N * (D // rpt), K * 32, [(N, D)], [x.dtype],
+             OutT=out_dtype),
+        N * (D // rpt), K * 32, [(N, D)], [out_dtype],
     )
     return gate_up, down
 
@@ -384,9 +395,52 @@ def _plan_v4(target, x, w, inds, scores, N, D, I, K, sub_d):
     return (plan,)
 
 
+def _plan_v5(target, x, w, inds, scores, N, D, I, K, sub_d):
+    """v4's threadgroups with each warp's weights staged through a ring of P stages in
+    threadgroup memory (asynchronous copies on CUDA). Needs whole-warp gate/up rows and
+    16-byte rows of scales; the ring lives in dynamic shared memory on CUDA."""
+    bits, gs = w.bits, w.group_size
+    epl = 128 // bits
+    st_size = w.gate.scales.dtype.size
+    if sub_d != 1 or (D // gs) * st_size % 16 or w.down.scales.dtype.size != st_size:
+        return None
+    t = tuning("expert_mlp_ska", bits)
+    C = max(t["C"], epl)
+    while C > epl and I % C:
+        C //= 2
+    if I % C or C % epl or lanes_per_row(C // epl) != C // epl:
+        return None
+    R = _rows_per_warp(C, 1, t["R"])
+    W = t["W"]
+    while W > 1 and (C // R) % W:
+        W //= 2
+    sub_c = 32 // (C // epl)
+    RD, P = t["RD"], max(2, t["P"])
+    while W * RD * sub_c > D or D % (W * RD * sub_c):
+        if RD > 1:
+            RD //= 2
+        else:
+            return None
+    nstep = D // (32 * epl)
+    slot16 = max(R * nstep * 2 * 32 + 4 * R * (D // gs) * st_size // 16, RD * 32 + RD * 16)
+    head16 = D // 4 + (D // epl + C + 3) // 4
+    smem = 16 * (head16 + W * P * slot16)
+    if smem > DYNAMIC_SMEM_LIMIT[target]:
+        return None
+    plan = Plan(
+        codegen.EXPERT_MLP_SKA,
+        _gate_up_inputs(x, w, inds) + [w.down.weight, w.down.scales, w.down.biases, scores],
+        dict(BITS=bits, GS=gs, D=D, I=I, K=K, C=C, W=W, R=R, RD=RD, P=P, XT=x.dtype, ST=w.gate.scales.dtype,
+             RT=scores.dtype),
+        N * K * (I // C), W * 32, [(N, D)], [mx.float32], init_value=0.0, shared_memory=smem,
+    )
+    return (plan,)
+
+
 def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
                     combine: Optional[Sequence[Any]] = None,
-                    version: Optional[int] = None) -> Optional[Tuple[Plan, ...]]:
+                    version: Optional[int] = None,
+                    out_dtype: Optional[Any] = None) -> Optional[Tuple[Plan, ...]]:
     """Launch plans, run in order, for gate/up + SwiGLU, down + routing weights + k-way sum.
 
     Versions 1 and 2: two plans (gate/up into h, then down); the second plan's first input
@@ -394,7 +448,8 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
     accumulator (``expert_mlp`` casts it). ``combine`` = (shared_out, shared_gate, residual)
     fuses ``moe_combine`` into v1's and v2's down launch, and adds it as a last launch to v4's
     (it casts the sum back). ``inds`` must be int32. ``version`` picks the projection kernels
-    (default ``default_version``).
+    (default ``default_version``). ``out_dtype`` (without a combine): what v1's and v2's down
+    kernel writes (default x's dtype; v4 and v5 always write a float32 sum).
     """
     if not w.quantized or w.bits not in (2, 4, 8) or w.group_size not in (32, 64, 128):
         return None
@@ -405,6 +460,8 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
     if N != inds.shape[0] or N > MAX_TOKENS or not 1 <= K <= 32 or inds.dtype != mx.int32:
         return None
     if x.dtype not in FLOATS or scores.dtype not in FLOATS or w.gate.weight.ndim != 3:
+        return None
+    if out_dtype is not None and out_dtype not in FLOATS:
         return None
     bits, gs = w.bits, w.group_size
     I = w.gate.weight.shape[1]
@@ -421,12 +478,16 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
     sub_d, sub_i = 32 // lpr_d, 32 // lay_i[1]
     version = default_version(N) if version is None else version
     plans = None
+    if version == 5:
+        plans = _plan_v5(target, x, w, inds, scores, N, D, I, K, sub_d)
+        if plans is None:  # shapes v5 does not cover: v4 (then v1)
+            version = 4
     if version == 4:
         plans = _plan_v4(target, x, w, inds, scores, N, D, I, K, sub_d)
     elif version == 2:
-        plans = _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i)
+        plans = _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype or x.dtype)
     if plans is None:  # v1 covers shapes the others do not (and is the fallback)
-        version, plans = 1, _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i)
+        version, plans = 1, _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype or x.dtype)
     if plans is None:
         return None
     if combine is not None:
@@ -436,7 +497,7 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
                 or shared_out.dtype not in FLOATS or shared_gate.dtype not in FLOATS):
             return None
         out_dtype = mx.result_type(x.dtype, shared_out.dtype, shared_gate.dtype)
-        if version == 4:  # the combine kernel also casts the float32 sum back
+        if version in (4, 5):  # the combine kernel also casts the float32 sum back
             comb = plan_moe_combine(target, ArraySpec((N, D), mx.float32), shared_out, shared_gate, residual,
                                     out_dtype=out_dtype)
             return None if comb is None else plans + (comb,)
@@ -471,9 +532,10 @@ def expert_mlp(target: str, x: mx.array, w: ExpertWeights, inds: mx.array, score
         sw = ExpertWeights(*(Projection(a[n + ".weight"], a[n + ".scales"], a[n + ".biases"])
                              for n in ("gate", "up", "down")), w.bits, w.group_size)
         comb = None if combine is None else (a["shared_out"], a["shared_gate"], a["residual"])
-        return plan_expert_mlp(target, a["x"], sw, a["inds"], a["scores"], comb, version)
+        return plan_expert_mlp(target, a["x"], sw, a["inds"], a["scores"], comb, version,
+                               out_dtype if combine is None else None)
 
-    outs = _replay(target, ("expert_mlp", version, w.bits, w.group_size), arrays, make_plans)
+    outs = _replay(target, ("expert_mlp", version, w.bits, w.group_size, out_dtype), arrays, make_plans)
     if outs is None:
         return None
     y = outs[0]

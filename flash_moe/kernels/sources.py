@@ -128,6 +128,16 @@ STAGE_XSUM = r"""  for (int c = fm_tid; c < D / EPL; c += W * 32) {
   }
 """
 
+# The R gate and R up partial sums of a lane, zeroed (every gate/up kernel).
+GATE_UP_ACC = r"""    float ag[R];
+    float au[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      ag[r] = 0.0f;
+      au[r] = 0.0f;
+    }
+"""
+
 # ---- Projection kernels (v1, measured on the H100): one (token, expert) row block per
 # threadgroup for gate/up; warps split the experts of a row block for down.
 
@@ -161,14 +171,7 @@ GATE_UP = r"""
 """ + STAGE_XSUM + r"""  FM_BARRIER();
 
   const int64_t wbase = int64_t(e) * I;
-  float ag[R];
-  float au[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    ag[r] = 0.0f;
-    au[r] = 0.0f;
-  }
-#pragma unroll
+""" + GATE_UP_ACC + r"""#pragma unroll
   for (int s = 0; s < NSTEP; ++s) {
     const int c = s * STEP + sl * EPL;  // first element of this lane's chunk
     const int grp = c / GS;

@@ -7,7 +7,20 @@ register double-buffering so a warp's next rows are in flight while it computes.
 faster than v1 on the H100 in every measured case (benchmarks/KERNELS_NOTES.md).
 """
 
-from .sources import PROJ_CONSTANTS, STAGE_XSUM
+from .sources import GATE_UP_ACC, PROJ_CONSTANTS, STAGE_XSUM
+
+# Step s of this lane's x' (EPL values from the staged xs) and the plain sum of that chunk.
+X_STEP = r"""      float xv[EPL];
+#pragma unroll
+      for (int i4 = 0; i4 < E4; ++i4) {
+        const float4 v = xs[(s * E4 + i4) * LPR + sl];
+        xv[4 * i4] = v.x;
+        xv[4 * i4 + 1] = v.y;
+        xv[4 * i4 + 2] = v.z;
+        xv[4 * i4 + 3] = v.w;
+      }
+      const float xsm = xsum[s * LPR + sl];
+"""
 
 # The gate/up part shared by v2 and the split-K v4: each warp walks its items (R rows of gate
 # and of up per lane group), loading the next item while it computes the current one. The
@@ -79,26 +92,9 @@ GATE_UP_ITEM_LOOP = r"""
     if (item < ITEMS) {
       FM_LOAD_ITEM(item)
     }
-    float ag[R];
-    float au[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      ag[r] = 0.0f;
-      au[r] = 0.0f;
-    }
-#pragma unroll
+""" + GATE_UP_ACC + r"""#pragma unroll
     for (int s = 0; s < NSTEP; ++s) {
-      float xv[EPL];
-#pragma unroll
-      for (int i4 = 0; i4 < E4; ++i4) {
-        const float4 v = xs[(s * E4 + i4) * LPR + sl];
-        xv[4 * i4] = v.x;
-        xv[4 * i4 + 1] = v.y;
-        xv[4 * i4 + 2] = v.z;
-        xv[4 * i4 + 3] = v.w;
-      }
-      const float xsm = xsum[s * LPR + sl];
-#pragma unroll
+""" + X_STEP + r"""#pragma unroll
       for (int r = 0; r < R; ++r) {
         ag[r] += static_cast<float>(csg[r][s]) * fm_dot_chunk<BITS>(cg[r][s], xv) +
             static_cast<float>(cbg[r][s]) * xsm;

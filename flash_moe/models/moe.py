@@ -122,8 +122,8 @@ class StreamingMoE(nn.Module):
         else:
             y = self._routed_from_source(x2, inds, scores)
 
-        # y is the routed sum in float32 (a one-token GPU kernel accumulates in it); the
-        # combine adds the rest and casts back to the model's dtype in the same pass.
+        # y is the routed sum in float32 (the kernels write it so; the split-K ones accumulate in
+        # it); the combine adds the rest and casts back to the model's dtype in the same pass.
         res = None if residual is None else residual.reshape(y.shape)
         if shared is not None and shared_gate is not None:
             out = kernels.moe_combine(y, shared, shared_gate, mx.zeros_like(shared) if res is None else res,

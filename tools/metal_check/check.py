@@ -66,15 +66,30 @@ def variants(target: str) -> List[Tuple[str, launch.Plan]]:
         w = _experts(U, D, I, bits, gs, sdt)
         x, inds, scores = A((N, D), xdt), A((N, K), mx.int32), A((N, K), xdt)
         tag = f"D{D}_I{I}_b{bits}_g{gs}_N{N}_K{K}_{xdt}_{sdt}".replace("mlx.core.", "")
-        for version in (1, 2, 4):
+        for version in (1, 2, 4, 5):  # (v5 falls back to v4 where its ring does not fit: Metal)
             v = f"v{version}_"
             plans = launch.plan_expert_mlp(target, x, w, inds, scores, version=version)
             assert plans is not None, f"no plan for {v}{tag}"
             out += [(v + p.spec.name + "_" + tag, p) for p in plans]
+            if version in (1, 2):  # the float32 sum the MoE layer asks for, written by down itself
+                plans = launch.plan_expert_mlp(target, x, w, inds, scores, version=version, out_dtype=f32)
+                out.append((v + plans[-1].spec.name + "_f32out_" + tag, plans[-1]))
             comb = (A((N, D), bf16), A((N, 1), bf16), A((N, D), bf16))
             plans = launch.plan_expert_mlp(target, x, w, inds, scores, combine=comb, version=version)
             assert plans is not None, f"no fused plan for {v}{tag}"
             out.append((v + plans[-1].spec.name + "_" + tag, plans[-1]))
+    # v5 with a ring small enough for Metal's 32 KiB, so that its Metal text is compiled too
+    saved = dict(launch.TUNING["expert_mlp_ska"])
+    launch.TUNING["expert_mlp_ska"].update(W=2, RD=1, P=2)
+    try:
+        for D, I, bits, sdt in ((1024, 256, 4, bf16), (2048, 128, 2, f32)):
+            w = _experts(4, D, I, bits, 64, sdt)
+            (plan,) = launch.plan_expert_mlp(target, A((1, D), bf16), w, A((1, 2), mx.int32), A((1, 2), bf16),
+                                             version=5)
+            assert plan.spec.name == "expert_mlp_ska", f"v5 does not fit {target} at D{D}"
+            out.append((f"v5_small_ring_D{D}_I{I}_b{bits}_{sdt}".replace("mlx.core.", ""), plan))
+    finally:
+        launch.TUNING["expert_mlp_ska"] = saved
     for shape, dts in (((1, 4096), (bf16,) * 4), ((3, 64), (f32, f32, bf16, f32)), ((2, 5, 4096), (f16,) * 4)):
         gate = A(shape[:-1] + (1,), dts[2])
         plan = launch.plan_moe_combine(target, A(shape, dts[0]), A(shape, dts[1]), gate, A(shape, dts[3]))

@@ -34,6 +34,7 @@ PRELUDE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <thread>
 #include <vector>
 
@@ -111,6 +112,32 @@ thread_local int tg = 0, tid = 0;
 thread_local std::barrier<>* tg_barrier = nullptr;
 thread_local std::barrier<>* warp_barrier = nullptr;
 thread_local float* shfl_buf = nullptr;
+// Asynchronous copies land only when a wait retires their group (as late as the GPU may
+// deliver them), so reading a stage before waiting for it reads stale data and fails a test.
+struct PendingCopy {
+  void* dst;
+  unsigned char data[16];
+  size_t size;
+};
+thread_local std::vector<PendingCopy> cp_open;
+thread_local std::deque<std::vector<PendingCopy>> cp_groups;
+template <typename T>
+inline void cp_async(T* dst, const T* src) {
+  static_assert(sizeof(T) <= 16, "copies are at most 16 bytes");
+  PendingCopy c{dst, {}, sizeof(T)};
+  std::memcpy(c.data, src, sizeof(T));
+  cp_open.push_back(c);
+}
+inline void cp_commit() {
+  cp_groups.push_back(std::move(cp_open));
+  cp_open.clear();
+}
+inline void cp_wait(int n) {
+  while (int(cp_groups.size()) > n) {
+    for (const auto& c : cp_groups.front()) std::memcpy(c.dst, c.data, c.size);
+    cp_groups.pop_front();
+  }
+}
 inline float shfl_xor(float v, int m) {
   const int lane = tid & 31;
   shfl_buf[lane] = v;
@@ -130,6 +157,13 @@ inline float shfl_xor(float v, int m) {
 #define FM_AS_FLOAT(u) fmsim::as_float(u)
 #define FM_EXP(v) std::exp(v)
 #define FM_ATOMIC_ADD(p, v) std::atomic_ref<float>(*(p)).fetch_add(v)
+#define FM_TG
+#define FM_RING(T, name, count) static T name[count]
+#define FM_WARP_SYNC() fmsim::warp_barrier->arrive_and_wait()
+#define FM_CP_ASYNC16(dst, src) fmsim::cp_async((dst), (src))
+#define FM_CP_ASYNC4(dst, src) fmsim::cp_async((dst), (src))
+#define FM_CP_COMMIT() fmsim::cp_commit()
+#define FM_CP_WAIT(n) fmsim::cp_wait(n)
 """
 
 BODY_PRELUDE = r"""
@@ -155,6 +189,8 @@ extern "C" int fm_launch(void** args, int n_groups, int group_size) {
       for (int g = 0; g < n_groups; ++g) {
         fmsim::tg = g;
         fm_kernel(ARGS);
+        fmsim::cp_open.clear();  // what a threadgroup left in flight does not outlive it
+        fmsim::cp_groups.clear();
         tg_barrier.arrive_and_wait();  // threadgroup memory is reused by the next group
       }
     });
@@ -243,9 +279,10 @@ def simulate(plan: Plan) -> List[mx.array]:
     return result
 
 
-def kernel(target: str, spec: codegen.KernelSpec):
+def kernel(target: str, spec: codegen.KernelSpec, shared_memory: int = 0):
     """A stand-in for ``launch._kernel``: a callable with the signature of MLX's custom kernels
-    that runs ``spec`` on the simulator (a NaN ``init_value``, the tests' poison, stays poison)."""
+    that runs ``spec`` on the simulator (a NaN ``init_value``, the tests' poison, stays poison).
+    ``shared_memory`` is not needed: the simulator sizes the ring statically."""
     def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None):
         fill = None if init_value is None or np.isnan(init_value) else init_value
         return simulate(Plan(spec, list(inputs), dict(template), grid[0] // threadgroup[0], threadgroup[0],
