@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
-
 import flash_moe
 from flash_moe import kernels
 from flash_moe.models.moe import StreamingMoE
@@ -72,11 +70,10 @@ def main() -> None:
 
     resident, _ = flash_moe.load(paths["packed"], resident_experts=True, check="never")
     ref, _ = load_model(paths["mlx_lm"])
-    expert_bytes = sum(f.stat().st_size for f in (paths["packed"] / "experts").glob("*.bin"))
+    expert_bytes = sum(f.stat().st_size for f in M.expert_files(paths["packed"]))
     cached, _ = flash_moe.load(paths["packed"], cache_bytes=expert_bytes, check="never")
     source = cached.expert_source
-    for layer in cached.expert_reader.manifest.moe_layers:  # every expert cached before any timing
-        source.fetch(layer, np.arange(args.experts))
+    M.fill_expert_cache(cached)  # every expert cached before any timing
     prompt = M.prompt_ids(8)
 
     plain_call = StreamingMoE.__call__

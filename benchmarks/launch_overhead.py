@@ -59,13 +59,14 @@ def main() -> None:
     g, state = mx.zeros((1, 8), mx.bfloat16), mx.zeros((1, 8, 64, 64), mx.float32)
     norm_w = mx.ones((D,), mx.bfloat16)
     mx.eval(w.gate.weight, w.up.weight, w.down.weight, x, scores, shared, y32, q, v, g, state, norm_w)
-    (plan,) = launch.plan_expert_mlp(target, x, w, inds, scores)
+    plans = launch.plan_expert_mlp(target, x, w, inds, scores, out_dtype=mx.float32)
+    version = launch.default_version(1)
     bare = (mx.fast.metal_kernel if target == "metal" else mx.fast.cuda_kernel)(
         name="bare", input_names=["a"], output_names=["o"], source="o[0] = a[0];")
     cases = {
-        "kernels.expert_mlp (v4, replayed)": lambda: kernels.expert_mlp(x, w, inds, scores, out_dtype=mx.float32),
-        "  plan_expert_mlp from scratch": lambda: launch.plan_expert_mlp(target, x, w, inds, scores),
-        "  launch.run(plan) of that plan": lambda: launch.run(target, plan),
+        f"kernels.expert_mlp (v{version}, replayed)": lambda: kernels.expert_mlp(x, w, inds, scores, out_dtype=mx.float32),
+        "  plan_expert_mlp from scratch": lambda: launch.plan_expert_mlp(target, x, w, inds, scores, out_dtype=mx.float32),
+        "  launch.run_all of those plans": lambda: launch.run_all(target, plans),
         "kernels.moe_combine": lambda: kernels.moe_combine(y32, shared, gate, shared, out_dtype=mx.bfloat16),
         "kernels.gated_delta_step": lambda: kernels.gated_delta_step(q, q, v, g, g, state),
         "a bare custom kernel (1 input)": lambda: bare(inputs=[x], grid=(32, 1, 1), threadgroup=(32, 1, 1),

@@ -13,6 +13,19 @@ import mlx.core as mx
 import numpy as np
 
 
+def expert_files(packed: Path) -> List[Path]:
+    """The packed model's expert record files, one per MoE layer."""
+    return sorted((Path(packed) / "experts").glob("*.bin"))
+
+
+def fill_expert_cache(model) -> None:
+    """Read every expert of every MoE layer into the model's expert cache (sized to hold them):
+    the cached rows are then timed without the reads that fill the cache."""
+    source, manifest = model.expert_source, model.expert_reader.manifest
+    for layer in manifest.moe_layers:
+        source.fetch(layer, np.arange(manifest.num_experts))
+
+
 def drop_page_cache(paths: Sequence[Path]) -> None:
     """Evict files from the OS page cache (clean pages; Linux honours DONTNEED at once)."""
     for p in paths:

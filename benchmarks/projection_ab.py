@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=16)
     args = ap.parse_args()
-    expert_bytes = sum(f.stat().st_size for f in (args.packed / "experts").glob("*.bin"))
+    expert_bytes = sum(f.stat().st_size for f in M.expert_files(args.packed))
     kw = dict(resident_experts=True) if args.mode == "resident" else dict(cache_bytes=expert_bytes)
     model, _ = flash_moe.load(args.packed, threads=args.threads, check="never", **kw)
     prompt = M.prompt_ids(8)

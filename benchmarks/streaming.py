@@ -10,6 +10,7 @@ resident in mlx-lm, decode under a memory cgroup at 1/3 of the model, and prefil
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -52,10 +53,6 @@ def peak_rss() -> int:
     return (status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def expert_files(packed: Path) -> List[Path]:
-    return sorted((packed / "experts").glob("*.bin"))
-
-
 class Table:
     """Rows of (section, figure, value, runs, target, verdict), printed as one table."""
 
@@ -81,6 +78,15 @@ def warmup_shape(shape: Shape) -> Shape:
     return replace(shape, layers=min(shape.layers, 4), experts=shape.top_k)
 
 
+def load_capped(packed: Path, threads: int, cache_bytes: int):
+    """The over-memory child's model: an expert cache and a largest read of ``cache_bytes``."""
+    import flash_moe
+
+    model, _ = flash_moe.load(packed, threads=threads, cache_bytes=cache_bytes, max_read_bytes=cache_bytes,
+                              check="never")
+    return model
+
+
 def start_gpu_runtime(packed: Path, threads: int, cache_bytes: int) -> None:
     """Run the over-memory child's decode (8-token prompt, 2 tokens) on the small model of the
     same shapes (``warmup_shape``) and free it.
@@ -93,10 +99,7 @@ def start_gpu_runtime(packed: Path, threads: int, cache_bytes: int) -> None:
     """
     import gc
 
-    import flash_moe
-
-    model, _ = flash_moe.load(packed, threads=threads, cache_bytes=cache_bytes, max_read_bytes=cache_bytes,
-                              check="never")
+    model = load_capped(packed, threads, cache_bytes)
     M.decode(model, model.make_cache, M.prompt_ids(8), 2)
     del model
     gc.collect()
@@ -109,7 +112,7 @@ def overmem_child(args) -> None:
     # pulls it in: ~500 MB of RSS that belongs to no part of the measurement. Hide it.
     if "torch" not in sys.modules:
         sys.modules["torch"] = None
-    import flash_moe
+    importlib.import_module("flash_moe")  # the "imported" stage below includes it
 
     # Progress on stderr: if the cap kills the child, the parent shows how far it got.
     stage = lambda name: print(f"[overmem child] {name}: {own_usage()}", file=sys.stderr, flush=True)
@@ -121,8 +124,7 @@ def overmem_child(args) -> None:
         start_gpu_runtime(Path(args.warmup_packed), args.threads, args.cache_bytes)
         stage("GPU runtime started (small model, same shapes)")
     runtime = rss() - base
-    model, _ = flash_moe.load(args.packed, threads=args.threads, cache_bytes=args.cache_bytes,
-                              max_read_bytes=args.cache_bytes, check="never")
+    model = load_capped(args.packed, args.threads, args.cache_bytes)
     if args.prefetch:
         model.set_prefetch(True)
     loaded = rss()
@@ -147,7 +149,7 @@ def run(args) -> str:
     t_start = time.perf_counter()
     paths = ensure_models(shape, Path(args.workdir), log)
     packed = paths["packed"]
-    files = expert_files(packed)
+    files = M.expert_files(packed)
     t = Table()
     manifest = load_manifest(packed)
     rec = manifest.layout.record_size
@@ -250,8 +252,7 @@ def run(args) -> str:
 
     cmodel, creader = flash(cache_bytes=expert_bytes + rec)
     source = cmodel.expert_source
-    for layer in manifest.moe_layers:  # the working set in the cache: here, every expert
-        source.fetch(layer, np.arange(shape.experts))
+    M.fill_expert_cache(cmodel)  # the working set in the cache: here, every expert
     cached = decode_row("cached", cmodel, creader, in_memory=True)
     ratio = cached["tok_s"] / res["tok_s"]
     t.add("expert cache", "LRU slots in device memory holding the working set: tok/s, vs resident, hit rate",

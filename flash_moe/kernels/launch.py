@@ -139,6 +139,12 @@ def run(target: str, plan: Plan) -> List[mx.array]:
     return _launch(_step(target, plan), plan.inputs)
 
 
+def run_all(target: str, plans: Sequence[Plan]) -> List[mx.array]:
+    """Launch plans in order, each placeholder input (an ``ArraySpec``) taking the previous
+    launch's first output: what ``plan_expert_mlp`` returns. The last launch's outputs."""
+    return _run_steps([_step(target, plan) for plan in plans], {})
+
+
 @functools.lru_cache(maxsize=256)
 def count_array(n: int) -> mx.array:
     """A one-element int32 array holding a run-time size (cached: decode repeats sizes)."""
@@ -204,10 +210,12 @@ def _replay(target: str, key: tuple, arrays: Dict[str, Any], make_plans) -> Opti
         if len(_replays) >= MAX_REPLAYS:  # many shapes (prompts of every length): start over
             _replays.clear()
         rep = _replays[key] = _Replay(steps, used)
-    if rep.steps is None:
-        return None
+    return None if rep.steps is None else _run_steps(rep.steps, arrays)
+
+
+def _run_steps(steps: List[_Step], arrays: Dict[str, Any]) -> List[mx.array]:
     outs = None
-    for st in rep.steps:
+    for st in steps:
         outs = _launch(st, [outs[0] if a is _PREV else arrays[a] if isinstance(a, str) else a for a in st.inputs])
     return outs
 
@@ -361,6 +369,17 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     return gate_up, down
 
 
+def _split_k_chunk(I: int, epl: int, pref: int) -> Optional[int]:
+    """Expert rows per split-K threadgroup: ``pref`` halved until it divides I (at least one
+    lane chunk), or None when its columns of a down row do not split into lanes."""
+    C = max(pref, epl)
+    while C > epl and I % C:
+        C //= 2
+    if I % C or C % epl or lanes_per_row(C // epl) != C // epl:
+        return None
+    return C
+
+
 def _plan_v4(target, x, w, inds, scores, N, D, I, K, sub_d):
     """One launch: a threadgroup per (token, slot, chunk of C expert rows) computes that
     chunk's gate/up rows, then adds its share of the down projection into y (float32, zeroed
@@ -368,10 +387,8 @@ def _plan_v4(target, x, w, inds, scores, N, D, I, K, sub_d):
     bits, gs = w.bits, w.group_size
     epl = 128 // bits
     t = tuning("expert_mlp_sk", bits)
-    C = max(t["C"], epl)
-    while C > epl and I % C:
-        C //= 2
-    if I % C or C % epl or lanes_per_row(C // epl) != C // epl or C % sub_d:
+    C = _split_k_chunk(I, epl, t["C"])
+    if C is None or C % sub_d:
         return None
     R = _rows_per_warp(C, sub_d, t["R"])
     sub_c = 32 // (C // epl)  # down rows side by side in a warp
@@ -405,10 +422,8 @@ def _plan_v5(target, x, w, inds, scores, N, D, I, K, sub_d):
     if sub_d != 1 or (D // gs) * st_size % 16 or w.down.scales.dtype.size != st_size:
         return None
     t = tuning("expert_mlp_ska", bits)
-    C = max(t["C"], epl)
-    while C > epl and I % C:
-        C //= 2
-    if I % C or C % epl or lanes_per_row(C // epl) != C // epl:
+    C = _split_k_chunk(I, epl, t["C"])
+    if C is None:
         return None
     R = _rows_per_warp(C, 1, t["R"])
     W = t["W"]
