@@ -1,11 +1,10 @@
 """Where a decode step's time goes when nothing is read from disk: flash-moe against mlx-lm.
 
 Per token, the Python time to build the step's graph and the time to evaluate it, for:
-``kernels`` (flash-moe, every expert resident, custom kernels), ``kernels+async`` (the same with
-an ``mx.async_eval`` after every MoE layer, as the disk path does to overlap its reads),
-``reference`` (plain-MLX ops instead of the kernels), ``cache`` / ``cache+async`` (the device
-expert cache holding every expert, speculative slot lookups), and ``mlx-lm`` (the same weights
-resident in mlx-lm). The modes alternate, so drift of a noisy machine hits all of them.
+``kernels`` (flash-moe, every expert resident, custom kernels, one-token steps compiled),
+``kernels eager`` (the same op by op: ``FLASH_MOE_COMPILE=0``), ``reference`` (plain-MLX ops
+instead of the kernels), ``cache`` / ``cache eager`` (the device expert cache holding every
+expert, speculative slot lookups), and ``mlx-lm`` (the same weights resident in mlx-lm). The modes alternate, so drift of a noisy machine hits all of them.
 
 Usage: python -m benchmarks.decode_overhead [--workdir DIR] [--hidden 4096 --intermediate 1024
        --experts 128 --layers 6 --top-k 10] [--reps 5] [--tokens 24] [--profile]
@@ -24,12 +23,12 @@ from pathlib import Path
 import mlx.core as mx
 import flash_moe
 from flash_moe import kernels
-from flash_moe.models.moe import StreamingMoE
+from flash_moe.models import compiled
 
 from . import measure as M
 from .synthetic import Shape, ensure_models
 
-MODES = ("kernels", "kernels+async", "reference", "cache", "cache+async", "mlx-lm")
+MODES = ("kernels", "kernels eager", "reference", "cache", "cache eager", "mlx-lm")
 
 
 def step_times(model, make_cache, prompt, n: int):
@@ -76,13 +75,6 @@ def main() -> None:
     M.fill_expert_cache(cached)  # every expert cached before any timing
     prompt = M.prompt_ids(8)
 
-    plain_call = StreamingMoE.__call__
-
-    def call_with_async(self, x, residual=None):
-        out = plain_call(self, x, residual)
-        mx.async_eval(out)
-        return out
-
     results = {m: [] for m in MODES}
     try:
         for _ in range(args.reps):
@@ -90,13 +82,13 @@ def main() -> None:
                 if mode == "mlx-lm":
                     results[mode].append(step_times(ref, lambda: make_prompt_cache(ref), prompt, args.tokens))
                     continue
-                StreamingMoE.__call__ = call_with_async if mode.endswith("+async") else plain_call
+                compiled.set_enabled(not mode.endswith("eager"))
                 kernels.set_backend("reference" if mode == "reference" else "auto")
                 model = cached if mode.startswith("cache") else resident
                 step_times(model, model.make_cache, prompt, 2)
                 results[mode].append(step_times(model, model.make_cache, prompt, args.tokens))
     finally:
-        StreamingMoE.__call__ = plain_call
+        compiled.set_enabled(None)
         kernels.set_backend("auto")
     print(f"{shape.key} on {mx.default_device()}, {args.reps} x {args.tokens} tokens per mode")
     for mode, rs in results.items():

@@ -2,7 +2,7 @@
 # The GPU evidence, on a machine where MLX runs on CUDA (the lent H100/H200 after staging MLX's
 # CUDA backend: ../shared/device/README.md). Logs go to $OUT (default ./gpu-logs).
 #
-#   bash benchmarks/gpu_checks.sh tests       # GPU kernel tests, end to end, transformers parity
+#   bash benchmarks/gpu_checks.sh tests       # GPU kernel tests, end to end, compiled steps, transformers parity
 #   bash benchmarks/gpu_checks.sh e2e         # only the end-to-end tests
 #   bash benchmarks/gpu_checks.sh kernels     # kernel benchmark against MLX's own ops
 #   bash benchmarks/gpu_checks.sh streaming   # the streaming benchmark at GPU shapes
@@ -28,12 +28,13 @@ for part in "$@"; do
     e2e)  # only the end-to-end tests (the kernel tests take ~4 min of their own)
       timeout 560 python3 -m pytest -q -p no:cacheprovider -rs --durations=8 \
         tests/test_kernels_gpu.py::test_tiny_model_end_to_end tests/test_gpu_end_to_end.py \
-        tests/test_transformers_parity.py > "$OUT/tests-e2e.log" 2>&1
+        tests/test_compiled.py tests/test_transformers_parity.py > "$OUT/tests-e2e.log" 2>&1
       echo "e2e rc=$?"; tail -15 "$OUT/tests-e2e.log" ;;
     tests)
       # The first float32 quantized matmuls compile for minutes on a fresh machine: long limits.
       timeout 560 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 \
-        tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py tests/test_transformers_parity.py \
+        tests/test_kernels_gpu.py tests/test_gpu_end_to_end.py tests/test_compiled.py \
+        tests/test_transformers_parity.py \
         > "$OUT/tests-gpu.log" 2>&1
       echo "tests rc=$?"; tail -5 "$OUT/tests-gpu.log" ;;
     kernels)

@@ -161,6 +161,13 @@ def test_backend_switch(monkeypatch):
         K.set_backend("auto")
     if mx.default_device() == mx.cpu:
         assert K.active_backend() == "reference"
+    # the context manager restores what was set before it, also after an error inside
+    before = K._forced
+    with pytest.raises(RuntimeError):
+        with K.backend("reference"):
+            assert K.active_backend() == "reference"
+            raise RuntimeError
+    assert K._forced == before
 
 
 def test_public_api_matches_reference_on_cpu():

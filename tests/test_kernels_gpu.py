@@ -147,12 +147,9 @@ def test_tiny_model_end_to_end(packed, request):
             logits.append(model(tok[:, None], cache=cache)[:, -1])
         return mx.stack(logits)
 
-    try:
-        K.set_backend("reference")
+    with K.backend("reference"):
         ref = run()
         mx.eval(ref)
-    finally:
-        K.set_backend("auto")
     ours = run()
     mx.eval(ours)
     faulthandler.cancel_dump_traceback_later()

@@ -17,8 +17,9 @@ environment variable ``FLASH_MOE_KERNELS=reference`` or ``set_backend("reference
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import mlx.core as mx
 
@@ -29,11 +30,13 @@ __all__ = [
     "ExpertWeights",
     "Projection",
     "active_backend",
+    "backend",
     "expert_mlp",
     "expert_mlp_combine",
     "gated_delta_step",
     "moe_combine",
     "set_backend",
+    "trace_key",
 ]
 
 _forced: Optional[str] = None  # set by set_backend; None defers to the environment
@@ -48,6 +51,19 @@ def set_backend(mode: str) -> None:
     if mode not in ("reference", "auto"):
         raise ValueError(f"backend mode must be 'reference' or 'auto', not {mode!r}")
     _forced = mode
+
+
+@contextlib.contextmanager
+def backend(mode: str) -> Iterator[None]:
+    """``with kernels.backend("reference"):`` runs the block on that path, then restores the
+    previous setting (e.g. to compare the kernels with the reference)."""
+    global _forced
+    before = _forced
+    set_backend(mode)
+    try:
+        yield
+    finally:
+        _forced = before
 
 
 def gpu_target() -> Optional[str]:
@@ -68,6 +84,12 @@ def active_backend() -> str:
     if mode == "reference":
         return "reference"
     return gpu_target() or "reference"
+
+
+def trace_key() -> tuple:
+    """What a traced (``mx.compile``) call of these operations bakes in: the path and the
+    projection version. (Launch shapes changed later in ``launch.TUNING`` do not reach a trace.)"""
+    return active_backend(), launch.default_version(1)
 
 
 def _on_gpu(launch_fn, *args, **kwargs):
@@ -111,7 +133,10 @@ def expert_mlp_combine(
     On a GPU the combine is fused into the down-projection kernel (one launch fewer).
     """
     y = _on_gpu(launch.expert_mlp, x, w, inds, scores, combine=(shared_out, shared_gate, residual))
-    return moe_combine(expert_mlp(x, w, inds, scores), shared_out, shared_gate, residual) if y is None else y
+    if y is None:  # the routed sum stays in float32 until the combine, as in the kernels
+        y = moe_combine(expert_mlp(x, w, inds, scores, out_dtype=mx.float32), shared_out, shared_gate, residual,
+                        out_dtype=mx.result_type(x.dtype, shared_out.dtype, shared_gate.dtype))
+    return y
 
 
 def gated_delta_step(

@@ -13,7 +13,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import kernels
-from ..kernels.reference import ExpertWeights
+from ..kernels.reference import ExpertWeights, Projection
+from . import compiled
 
 
 class ExpertSource(Protocol):
@@ -95,11 +96,12 @@ class StreamingMoE(nn.Module):
     def __call__(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        inds, scores = self.route(x2)
-
         if self._source is None:
             raise RuntimeError("no expert source attached: load models with flash_moe.load()")
         holds_all = getattr(self._source, "holds_all", False)
+        if x2.shape[0] == 1 and (holds_all or self._lookups is not None) and compiled.enabled():
+            return self._compiled_token(x2, residual, holds_all).reshape(shape)
+        inds, scores = self.route(x2)
         # Only the disk path waits on the host mid-step (the router sync). There, work handed to
         # the device early runs during the wait; elsewhere an extra submission per layer only
         # costs (measured on the H100, resident experts: no gain, 0.1 ms more per token).
@@ -122,18 +124,66 @@ class StreamingMoE(nn.Module):
         else:
             y = self._routed_from_source(x2, inds, scores)
 
-        # y is the routed sum in float32 (the kernels write it so; the split-K ones accumulate in
-        # it); the combine adds the rest and casts back to the model's dtype in the same pass.
-        res = None if residual is None else residual.reshape(y.shape)
-        if shared is not None and shared_gate is not None:
-            out = kernels.moe_combine(y, shared, shared_gate, mx.zeros_like(shared) if res is None else res,
-                                      out_dtype=x.dtype)
-        else:
-            out = y if shared is None else y + shared
-            out = (out if res is None else res + out).astype(x.dtype)
+        out = self._combine(y, shared, shared_gate, None if residual is None else residual.reshape(y.shape),
+                            x.dtype)
         if syncs:  # the device computes the experts while Python builds the next layer's graph
             mx.async_eval(out)
         return out.reshape(shape)
+
+    @staticmethod
+    def _combine(y: mx.array, shared: Optional[mx.array], shared_gate: Optional[mx.array],
+                 res: Optional[mx.array], dtype: mx.Dtype) -> mx.array:
+        """y (the routed sum, float32: the kernels write it so; the split-K ones accumulate in
+        it) + the gated shared expert + the residual, cast back to the model's dtype in one pass."""
+        if shared is not None and shared_gate is not None:
+            return kernels.moe_combine(y, shared, shared_gate, mx.zeros_like(shared) if res is None else res,
+                                       out_dtype=dtype)
+        out = y if shared is None else y + shared
+        return (out if res is None else res + out).astype(dtype)
+
+    def _compiled_token(self, x2: mx.array, residual: Optional[mx.array], holds_all: bool) -> mx.array:
+        """One token through the block as a single compiled call: router, shared expert, routed
+        experts (resident, or looked up in the cache's slot table) and combine. Nothing in it
+        waits on the host, so the whole block is one replayed trace."""
+        if holds_all:
+            weights = self._source.fetch(self.layer, None)[0]
+            table = None
+        else:
+            weights = self._source.cache_weights()
+            table = self._source.slot_table(self.layer)
+        arrays = _weight_arrays(weights)
+        args = [x2, arrays] + ([] if residual is None else [residual.reshape(x2.shape)]) + \
+            ([] if table is None else [table])
+        key = ("moe", self.top_k, weights.bits, weights.group_size, residual is not None, table is not None)
+        fn = compiled.step(self, key, lambda: self._token_fn(weights.bits, weights.group_size,
+                                                             residual is not None, table is not None),
+                           inputs=self._resident_modules())
+        out, inds, rows = fn(*args)
+        if table is not None:
+            self._lookups.entries.append((self.layer, inds, rows))
+        return out
+
+    def _resident_modules(self) -> list:
+        return [getattr(self, name) for name in ("gate", "shared_expert", "shared_expert_gate") if hasattr(self, name)]
+
+    def _token_fn(self, bits: int, group_size: int, has_residual: bool, looks_up: bool):
+        def token(x2, arrays, *rest):
+            res = rest[0] if has_residual else None
+            inds, scores = self.route(x2)
+            rows = rows_at = inds
+            if looks_up:
+                rows = rest[-1][inds]
+                rows_at = mx.maximum(rows, 0)  # a miss (-1) computes garbage that the check discards
+            weights = _weights_from(arrays, bits, group_size)
+            shared = self.shared_expert(x2) if hasattr(self, "shared_expert") else None
+            gate = self.shared_expert_gate(x2) if hasattr(self, "shared_expert_gate") else None
+            if shared is not None and gate is not None and res is not None:  # combine fused into down
+                out = kernels.expert_mlp_combine(x2, weights, rows_at, scores, shared, gate, res)
+            else:
+                y = kernels.expert_mlp(x2, weights, rows_at, scores, out_dtype=mx.float32)
+                out = self._combine(y, shared, gate, res, x2.dtype)
+            return out.astype(x2.dtype), inds, rows
+        return token
 
     def _routed_from_slots(self, x2: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
         """A speculative decode step: the experts' cache slots are looked up on the device, with
@@ -217,6 +267,17 @@ class StreamingMoE(nn.Module):
             y = y.at[tok_mx].add(part)
             mx.eval(y)  # this group's records can be freed before the next group is read
         return y
+
+
+def _weight_arrays(w: ExpertWeights) -> list:
+    return [a for p in (w.gate, w.up, w.down) for a in (p.weight, p.scales, p.biases) if a is not None]
+
+
+def _weights_from(arrays: list, bits: int, group_size: int) -> ExpertWeights:
+    """The inverse of ``_weight_arrays`` (quantized: three arrays per projection; else one)."""
+    n = 3 if bits < 16 else 1
+    projs = [Projection(*arrays[i:i + n]) for i in range(0, 3 * n, n)]
+    return ExpertWeights(*projs, bits=bits, group_size=group_size)
 
 
 class _Lookups:

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .. import kernels
+from . import compiled
 from .moe import StreamingModel, StreamingMoE
 
 
@@ -120,6 +121,22 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array, mask: Optional[mx.array], cache: Optional[ArraysCache]) -> mx.array:
+        conv_state = cache[0] if cache is not None else None
+        state = cache[1] if cache is not None else None
+        if x.shape[1] == 1 and mask is None and conv_state is not None and state is not None and compiled.enabled():
+            # a decode step after the prompt: a pure function of the cache's arrays, compiled
+            step = compiled.step(self, "delta", lambda: lambda x, c, s: self.mix(x, None, c, s), inputs=[self])
+            out, conv_state, state = step(x, conv_state, state)
+        else:
+            out, conv_state, state = self.mix(x, mask, conv_state, state)
+        if cache is not None:
+            cache[0], cache[1] = conv_state, state
+            cache.advance(x.shape[1])
+        return out
+
+    def mix(self, x: mx.array, mask: Optional[mx.array], conv_state: Optional[mx.array],
+            state: Optional[mx.array]):
+        """(output, new conv state, new recurrent state) for ``x`` after those states."""
         B, S, _ = x.shape
         qkv = self.in_proj_qkv(x)
         z = self.in_proj_z(x).reshape(B, S, self.num_v_heads, self.head_v_dim)
@@ -130,11 +147,10 @@ class GatedDeltaNet(nn.Module):
 
         if mask is not None:
             qkv = mx.where(mask[..., None], qkv, 0)
-        conv_state = cache[0] if cache is not None and cache[0] is not None else \
-            mx.zeros((B, self.kernel_size - 1, self.conv_dim), dtype=x.dtype)
+        if conv_state is None:
+            conv_state = mx.zeros((B, self.kernel_size - 1, self.conv_dim), dtype=x.dtype)
         window = mx.concatenate([conv_state, qkv], axis=1)
-        if cache is not None:
-            cache[0] = mx.contiguous(window[:, -(self.kernel_size - 1):])
+        conv_state = mx.contiguous(window[:, -(self.kernel_size - 1):])
         mixed = nn.silu(self.conv1d(window))
 
         q, k, v = mx.split(mixed, [self.key_dim, 2 * self.key_dim], axis=-1)
@@ -146,7 +162,6 @@ class GatedDeltaNet(nn.Module):
         q = scale * scale * mx.fast.rms_norm(q, None, 1e-6 * scale * scale)
         k = scale * mx.fast.rms_norm(k, None, 1e-6 * scale * scale)
 
-        state = cache[1] if cache is not None else None
         if state is None:
             state = mx.zeros((B, self.num_v_heads, self.head_v_dim, self.head_k_dim), dtype=mx.float32)
         if S == 1 and mask is None:
@@ -154,11 +169,8 @@ class GatedDeltaNet(nn.Module):
             y = y[:, None]
         else:
             y, state = mx.fast.gated_delta_update(q, k, v, g, beta, state, mask)
-        if cache is not None:
-            cache[1] = state
-            cache.advance(S)
         y = self.norm(y, z)
-        return self.out_proj(y.reshape(B, S, -1))
+        return self.out_proj(y.reshape(B, S, -1)), conv_state, state
 
 
 class Attention(nn.Module):

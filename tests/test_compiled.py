@@ -1,0 +1,75 @@
+"""Compiled one-token steps (``flash_moe.models.compiled``) against the same steps op by op."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+import flash_moe
+from flash_moe import kernels
+from flash_moe.io.format import load_manifest
+from flash_moe.models import compiled
+
+from test_streaming import decode
+
+
+def traced(model) -> dict:
+    """The compiled steps each layer part holds: {kind: count of traces}."""
+    counts = {}
+    for layer in model.layers:
+        for part in (layer.mlp, getattr(layer, "linear_attn", None)):
+            for key in getattr(part, "__dict__", {}).get("_compiled_steps", {}):
+                kind = key[0] if isinstance(key[0], str) else key[0][0]  # "delta" or ("moe", ...)
+                counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def eager(model, **kw) -> mx.array:
+    compiled.set_enabled(False)
+    try:
+        return decode(model, **kw)
+    finally:
+        compiled.set_enabled(None)
+
+
+@pytest.mark.parametrize("cache_slots", [0, 32])
+def test_compiled_decode_matches_op_by_op(packed4, cache_slots):
+    """Resident experts, or every expert in the cache (speculative lookups): the decode with the
+    DeltaNet mixers and MoE blocks compiled gives the op-by-op logits, and really is compiled."""
+    record = load_manifest(packed4).layout.record_size
+    kw = {"cache_bytes": cache_slots * record} if cache_slots else {"resident_experts": True}
+    model, _ = flash_moe.load(packed4, **kw)
+    if cache_slots:
+        decode(model)  # fill the cache: the next pass speculates
+    ref = eager(model)
+    before = model.expert_source.speculative_steps if cache_slots else 0
+    out = decode(model)
+    counts = traced(model)
+    assert counts.get("moe") == len(model.moe_blocks())
+    assert counts.get("delta") == sum(layer.is_linear for layer in model.layers)
+    if cache_slots:
+        assert model.expert_source.speculative_steps - before == 5
+    assert mx.allclose(out, ref, rtol=1e-5, atol=1e-5).item()
+    assert (mx.argmax(out, -1) == mx.argmax(ref, -1)).all().item()
+
+
+def test_a_trace_follows_the_kernel_path(packed4):
+    """Forcing the reference path after a decode traces again instead of replaying kernels that
+    the switch turned off (and the switch back replays the first trace)."""
+    model, _ = flash_moe.load(packed4, resident_experts=True)
+    first = decode(model)
+    with kernels.backend("reference"):
+        ref = decode(model)
+    again = decode(model)
+    n_moe = len(model.moe_blocks())
+    expected = n_moe if kernels.active_backend() == "reference" else 2 * n_moe  # one trace per path
+    assert traced(model)["moe"] == expected
+    assert mx.array_equal(first, again).item()
+    assert mx.allclose(first, ref, rtol=1e-3, atol=1e-3).item()
+
+
+def test_off_switch_runs_op_by_op(packed4, monkeypatch):
+    monkeypatch.setenv("FLASH_MOE_COMPILE", "0")
+    model, _ = flash_moe.load(packed4, resident_experts=True)
+    decode(model)
+    assert traced(model) == {}
