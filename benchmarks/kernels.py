@@ -173,10 +173,11 @@ def bench_expert_mlp(peak: float, bits: int, k: int, N: int, sets: int, with_loo
 CONFIGS = {
     1: (("gate_up", [dict(R=4, W=4), dict(R=4, W=8), dict(R=2, W=8)]),
         ("down", [dict(R=2, W_max=16), dict(R=4, W_max=16), dict(R=8, W_max=16)])),
-    2: (("gate_up_pf", [dict(R=1, W=4, tgs=256), dict(R=1, W=4, tgs=384), dict(R=1, W=8, tgs=256),
-                        dict(R=1, W=2, tgs=512), dict(R=2, W=4, tgs=256), dict(R=2, W=2, tgs=512)]),
-        ("down_pf", [dict(R=4, tgs=128), dict(R=2, tgs=128), dict(R=4, tgs=256), dict(R=2, tgs=256),
-                     dict(R=1, tgs=256), dict(R=2, tgs=512), dict(R=1, tgs=512)])),
+    2: (("gate_up_pf", [dict(R=1, W=4, tgs=256), dict(R=1, W=8, tgs=256), dict(R=1, W=4, tgs=512),
+                        dict(R=1, W=8, tgs=512), dict(R=1, W=4, tgs=1024), dict(R=1, W=8, tgs=1024),
+                        dict(R=1, W=2, tgs=2048), dict(R=2, W=4, tgs=512)]),
+        ("down_pf", [dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=4, tgs=256), dict(R=1, tgs=512),
+                     dict(R=2, tgs=512), dict(R=1, tgs=1024), dict(R=2, tgs=1024)])),
     4: (("expert_mlp_sk", [dict(C=64, W=4, R=1, RD=2), dict(C=64, W=8, R=1, RD=2), dict(C=64, W=4, R=2, RD=2),
                            dict(C=64, W=4, R=1, RD=4), dict(C=64, W=2, R=1, RD=2), dict(C=128, W=4, R=1, RD=2),
                            dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),
@@ -189,35 +190,29 @@ CONFIGS = {
 
 
 def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -> None:
-    """Time gate/up and down alone over launch shapes (N = 1, rotated records) and keep the
-    fastest of each in ``launch.TUNING_BITS`` for these bits."""
+    """Time the whole projection (N = 1, rotated records) chained, call after call as a decode's
+    layers run, over each kernel's launch shapes in turn (the other kernel at its best so far),
+    and keep the fastest in ``launch.TUNING_BITS`` for these bits. (Independent calls would
+    overlap on the GPU and reward grids too small to fill it alone.)"""
     ws = [make_experts(k, bits, seed=10 + s) for s in range(sets)]
     x = mx.random.normal((1, H)).astype(mx.bfloat16)
     inds = mx.arange(k, dtype=mx.int32)[None]
     scores = mx.softmax(mx.random.normal((1, k)), axis=-1).astype(mx.bfloat16)
     target = K.active_backend()
-    per = expert_bytes(bits) // 3
+    nbytes = k * expert_bytes(bits)
+    wanted = {2: codegen.GATE_UP_PF, 4: codegen.EXPERT_MLP_SK, 5: codegen.EXPERT_MLP_SKA}.get(version)
     best = {}
-    for index, (key, configs) in enumerate(CONFIGS[version]):
-        # gate/up reads two matrices, down one; v4's one launch all three
-        nbytes = (3 if version in (4, 5) else 2 - index) * k * per
+    for key, configs in CONFIGS[version]:
         for cfg in configs:
             launch.TUNING_BITS[(key, bits)] = dict(cfg)
-            plans = [launch.plan_expert_mlp(target, x, w, inds, scores, version=version) for w in ws]
-            wanted = {4: codegen.EXPERT_MLP_SK, 5: codegen.EXPERT_MLP_SKA}.get(version)
-            if wanted is not None and plans[0][0].spec is not wanted:
+            plans = launch.plan_expert_mlp(target, x, ws[0], inds, scores, version=version)
+            if wanted is not None and plans[0].spec is not wanted:
                 continue  # this shape falls back to another version
-            if index == 0:
-                t = timeit(lambda i: launch.run(target, plans[i % sets][0]))
-            else:
-                hs = [launch.run(target, p[0])[0] for p in plans]
-                mx.eval(hs)
-                for p, h in zip(plans, hs):
-                    p[1].inputs[0] = h
-                t = timeit(lambda i: launch.run(target, plans[i % sets][1]))
-            tmpl = plans[0][index].template
-            shape = " ".join(f"{n}{tmpl[n]}" for n in ("C", "R", "RD", "W", "P", "G", "RPT") if n in tmpl)
-            row(key, f"b{bits} k{k} {shape} sets{sets}", t, None, nbytes, peak, "")
+            t = timeit(chained(lambda xi, i: launch.expert_mlp(target, xi, ws[i % sets], inds, scores,
+                                                               version=version), x))
+            shape = " ".join(f"{n}{v}" for p in plans for n, v in p.template.items()
+                             if n in ("C", "R", "RD", "W", "P", "G", "RPT"))
+            row(key, f"b{bits} k{k} {shape} chained", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:
                 best[key] = (t, dict(cfg))
         if key in best:
@@ -289,6 +284,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="check the script on the CPU (simulated kernels)")
     ap.add_argument("--no-autotune", action="store_true", help="time the launch shapes in launch.TUNING as they are")
     ap.add_argument("--versions", default="1,2,4,5", help="projection kernel versions to time (default 1,2,4,5)")
+    ap.add_argument("--bits", default="4,2", help="weight bits of the projection cases (default 4,2)")
     args = ap.parse_args()
     if args.dry_run:
         dry_run()
@@ -300,10 +296,11 @@ def main() -> None:
     print(f"measured device copy bandwidth: {peak:.0f} GB/s (read + write)\n")
     print(HEADER)
     versions = [int(v) for v in args.versions.split(",")]
+    bit_widths = [int(b) for b in args.bits.split(",")]
     for version in versions:
-        for bits in (4, 2) if not args.no_autotune else ():
+        for bits in bit_widths if not args.no_autotune else ():
             autotune(peak, bits, version)
-        for bits in (4, 2):
+        for bits in bit_widths:
             for k in (10, 4):
                 bench_expert_mlp(peak, bits, k, 1, 1, with_loop=(k == 10 and version == versions[0]), version=version)
                 bench_expert_mlp(peak, bits, k, 1, 8, with_loop=False, version=version)
