@@ -24,10 +24,11 @@ def traced(model) -> dict:
     return counts
 
 
-def eager(model, **kw) -> mx.array:
+def op_by_op(run):
+    """run() with compiled steps off."""
     compiled.set_enabled(False)
     try:
-        return decode(model, **kw)
+        return run()
     finally:
         compiled.set_enabled(None)
 
@@ -41,7 +42,7 @@ def test_compiled_decode_matches_op_by_op(packed4, cache_slots):
     model, _ = flash_moe.load(packed4, **kw)
     if cache_slots:
         decode(model)  # fill the cache: the next pass speculates
-    ref = eager(model)
+    ref = op_by_op(lambda: decode(model))
     before = model.expert_source.speculative_steps if cache_slots else 0
     out = decode(model)
     counts = traced(model)
@@ -73,3 +74,33 @@ def test_off_switch_runs_op_by_op(packed4, monkeypatch):
     model, _ = flash_moe.load(packed4, resident_experts=True)
     decode(model)
     assert traced(model) == {}
+
+
+def test_a_trace_follows_experts_per_token(packed4):
+    """k is baked into a trace (it sets the router's top-k): changing it traces again, and the
+    compiled decode at the new k matches the op-by-op one at that k."""
+    model, _ = flash_moe.load(packed4, resident_experts=True)
+    at_two = decode(model)
+    model.set_experts_per_token(1)
+    at_one = decode(model)
+    assert mx.allclose(at_one, op_by_op(lambda: decode(model)), rtol=1e-5, atol=1e-5).item()
+    assert not mx.allclose(at_one, at_two).item()
+    assert traced(model)["moe"] == 2 * len(model.moe_blocks())
+
+
+def test_compiled_batch_of_two_matches_op_by_op(packed4):
+    """Two sequences at once: the DeltaNet step is compiled for B = 2 (the MoE block, with two
+    rows, runs op by op) and gives the op-by-op logits."""
+    model, _ = flash_moe.load(packed4, resident_experts=True)
+
+    def run():
+        cache = model.make_cache()
+        logits = [model(mx.array([[5, 17, 99, 200], [3, 44, 61, 7]]), cache=cache)[:, -1]]
+        for _ in range(4):
+            logits.append(model(mx.argmax(logits[-1], axis=-1)[:, None], cache=cache)[:, -1])
+        return mx.stack(logits)
+
+    out = run()
+    ref = op_by_op(run)
+    assert out.shape[1] == 2 and traced(model).get("delta")
+    assert mx.allclose(out, ref, rtol=1e-5, atol=1e-5).item()
