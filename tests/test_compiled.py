@@ -104,3 +104,18 @@ def test_compiled_batch_of_two_matches_op_by_op(packed4):
     ref = op_by_op(run)
     assert out.shape[1] == 2 and traced(model).get("delta")
     assert mx.allclose(out, ref, rtol=1e-5, atol=1e-5).item()
+
+
+def test_a_step_that_cannot_be_compiled_runs_op_by_op(packed4, monkeypatch):
+    """A backend that fails to trace a step: a warning, then the op-by-op logits."""
+    def broken(fn, inputs=None):
+        def call(*args):
+            raise ValueError("cannot trace this here")
+        return call
+
+    model, _ = flash_moe.load(packed4, resident_experts=True)
+    ref = op_by_op(lambda: decode(model))
+    monkeypatch.setattr(compiled.mx, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="runs op by op"):
+        out = decode(model)
+    assert mx.array_equal(out, ref).item()

@@ -12,6 +12,7 @@ once with ``mx.compile`` and replayed: one Python call per part, elementwise cha
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Dict, Hashable, Optional
 
 import mlx.core as mx
@@ -43,5 +44,23 @@ def step(owner: object, key: Hashable, make: Callable[[], Callable], inputs=None
     full = (key, str(mx.default_device()), kernels.trace_key())
     fn = table.get(full)
     if fn is None:
-        fn = table[full] = mx.compile(make(), inputs=inputs)
+        fn = table[full] = _first_trace(table, full, make, inputs)
     return fn
+
+
+def _first_trace(table: dict, full: Hashable, make: Callable[[], Callable], inputs) -> Callable:
+    """The first call traces; should tracing fail (a backend that cannot compile one of the
+    operations), the step runs op by op from then on, with a warning, instead of failing."""
+    traced = mx.compile(make(), inputs=inputs)
+
+    def first(*args):
+        try:
+            out = traced(*args)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure falls back the same way
+            warnings.warn(f"flash-moe: compiling the step {full[0]!r} failed ({type(exc).__name__}: {exc}); "
+                          "it runs op by op", RuntimeWarning, stacklevel=3)
+            table[full] = make()
+            return table[full](*args)
+        table[full] = traced  # later calls go straight to the trace
+        return out
+    return first
