@@ -33,13 +33,15 @@ def op_by_op(run):
         compiled.set_enabled(None)
 
 
-@pytest.mark.parametrize("cache_slots", [0, 32])
-def test_compiled_decode_matches_op_by_op(packed4, cache_slots):
-    """Resident experts, or every expert in the cache (speculative lookups): the decode with the
-    DeltaNet mixers and MoE blocks compiled gives the op-by-op logits, and really is compiled."""
-    record = load_manifest(packed4).layout.record_size
+@pytest.mark.parametrize("packed,cache_slots", [("packed4", 0), ("packed4", 32), ("packed16", 0), ("packed16", 32)])
+def test_compiled_decode_matches_op_by_op(packed, cache_slots, request):
+    """Resident experts, or every expert in the cache (speculative lookups), 4-bit or float
+    experts: the decode with the DeltaNet mixers and MoE blocks compiled gives the op-by-op
+    logits, and really is compiled."""
+    path = request.getfixturevalue(packed)
+    record = load_manifest(path).layout.record_size
     kw = {"cache_bytes": cache_slots * record} if cache_slots else {"resident_experts": True}
-    model, _ = flash_moe.load(packed4, **kw)
+    model, _ = flash_moe.load(path, **kw)
     if cache_slots:
         decode(model)  # fill the cache: the next pass speculates
     ref = op_by_op(lambda: decode(model))
