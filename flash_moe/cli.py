@@ -30,7 +30,8 @@ def _run_generation(model, tokenizer, prompt, args) -> None:
     from .generation import format_stats, stream_generate
 
     t0, response, tokens = time.perf_counter(), None, []
-    for response in stream_generate(model, tokenizer, prompt, args.max_tokens, sampler=_sampler(args)):
+    for response in stream_generate(model, tokenizer, prompt, args.max_tokens, sampler=_sampler(args),
+                                    max_kv_size=getattr(args, "max_kv_size", None)):
         print(response.text, end="", flush=True)
         tokens.append(response.token)
     print()
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-gb", type=float, default=0.0, help="in-RAM expert cache (0: trust the page cache)")
     g.add_argument("--direct", action="store_true", help="bypass the page cache (O_DIRECT)")
     g.add_argument("--no-chat-template", action="store_true")
+    g.add_argument("--max-kv-size", type=int, default=None,
+                   help="keep attention to a window of this many tokens (a rotating KV cache)")
     g.add_argument("--timing", action="store_true", help="print where the time went")
     g.set_defaults(func=_generate)
 

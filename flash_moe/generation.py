@@ -37,8 +37,11 @@ def stream_generate(model: nn.Module, tokenizer, prompt: Prompt, max_tokens: int
 
     ``prompt`` is a string, token ids, or a list of chat messages ({"role", "content"}).
     Other keyword arguments (``sampler``, ``logits_processors``, ``prefill_step_size``,
-    ``max_kv_size``, ...) go to ``mlx_lm.generate_step``.
+    ``max_kv_size``, ``kv_bits``, ``prompt_cache``, ...) go to ``mlx_lm.generate_step``.
     """
+    if kwargs.get("max_kv_size") is not None and kwargs.get("prompt_cache") is None:
+        # mlx-lm ignores max_kv_size for models that make their own caches, as these do
+        kwargs["prompt_cache"] = model.make_cache(max_kv_size=kwargs.pop("max_kv_size"))
     reader = getattr(model, "expert_reader", None)
     start = reader.stats.copy() if reader else None
     prompt_io = None

@@ -57,7 +57,7 @@ def test_cli_convert_generate_verify(tmp_path, hf_checkpoint):
     dst = tmp_path / "packed"
     run_cli("convert", str(hf_checkpoint), str(dst), "--bits", "4")
     out = run_cli("generate", "--model", str(dst), "--prompt", "hello", "--max-tokens", "5",
-                  "--experts-per-token", "1", "--timing").stdout
+                  "--experts-per-token", "1", "--timing", "--max-kv-size", "64").stdout
     assert "Generation: 5 tokens" in out and "Timing:" in out and "waiting for expert reads" in out
     assert "decode 4.0 records" in out  # 4 MoE layers x k=1
     assert "every record matches" in run_cli("verify", str(dst)).stdout
@@ -73,3 +73,19 @@ def test_cli_demo(tmp_path):
     assert "RANDOM weights" in out
     assert "Token ids: [" in out and "Generation: 8 tokens" in out
     assert "decode 32.0 records" in out  # 8 MoE layers x top-4, every one read from disk
+
+
+def test_max_kv_size_keeps_a_window(packed4):
+    """``max_kv_size`` reaches the model's own caches (mlx-lm would ignore it for a model with
+    ``make_cache``): attention keeps a rotating window, and a window of 4 changes the tokens."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    model, tokenizer = flash_moe.load(packed4, resident_experts=True)
+    caches = model.make_cache(max_kv_size=4)
+    assert any(isinstance(c, RotatingKVCache) for c in caches)
+    assert not any(isinstance(c, RotatingKVCache) for c in model.make_cache())
+
+    def tokens(**kw):
+        return [r.token for r in flash_moe.stream_generate(model, tokenizer, "a prompt of some length here",
+                                                           max_tokens=16, sampler=make_sampler(temp=0.0), **kw)]
+    assert tokens(max_kv_size=4) != tokens()

@@ -419,3 +419,31 @@ def test_cache_smaller_than_a_step_never_speculates(packed4):
     decode(model)
     source = model.expert_source
     assert source.speculation_failures == 0 and not source.speculating
+
+
+@pytest.fixture(scope="module")
+def packed4_wide_heads(tmp_path_factory):
+    """A tiny model whose attention heads (32) are wide enough for MLX's quantized KV cache."""
+    from flash_moe.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("wide_heads")
+    return flash_moe.convert(make_tiny_checkpoint(root / "hf", head_dim=32), root / "packed", bits=4, progress=False)
+
+
+@pytest.mark.parametrize("kv", [{"max_kv_size": 8}, {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 0}],
+                         ids=["rotating", "quantized"])
+def test_speculation_with_rotating_and_quantized_kv_caches(packed4_wide_heads, kv):
+    """Speculative steps, some undone for a miss, with mlx-lm's rotating (a window of 8 tokens)
+    or quantized KV caches: the greedy tokens equal the resident model's with the same cache."""
+    from mlx_lm.sample_utils import make_sampler
+
+    def tokens(model):
+        return [r.token for r in flash_moe.stream_generate(model, tokenizer, "a window of tokens", max_tokens=24,
+                                                           sampler=make_sampler(temp=0.0), **kv)]
+
+    ref_model, tokenizer = flash_moe.load(packed4_wide_heads, resident_experts=True)
+    record = load_manifest(packed4_wide_heads).layout.record_size
+    model, _ = flash_moe.load(packed4_wide_heads, cache_bytes=28 * record)  # most of the 32 experts
+    assert tokens(model) == tokens(ref_model)
+    source = model.expert_source
+    assert source.speculative_steps >= 1 and source.speculation_failures >= 1

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 import mlx.core as mx
 from mlx_lm.models import qwen3_moe as _mlx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .moe import StreamingModel, StreamingMoE
 
@@ -35,7 +35,10 @@ class Model(StreamingModel, _mlx.Model):
                 input_embeddings: Optional[mx.array] = None) -> mx.array:
         return _mlx.Model.__call__(self, inputs, cache, input_embeddings)
 
-    def make_cache(self) -> list:
+    def make_cache(self, max_kv_size: Optional[int] = None) -> list:
+        """A KV cache per layer (a window of ``max_kv_size`` tokens when given)."""
+        if max_kv_size is not None:
+            return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in self.layers]
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
