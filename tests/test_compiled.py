@@ -121,3 +121,18 @@ def test_a_step_that_cannot_be_compiled_runs_op_by_op(packed4, monkeypatch):
     with pytest.warns(RuntimeWarning, match="runs op by op"):
         out = decode(model)
     assert mx.array_equal(out, ref).item()
+
+
+def test_a_dropped_model_with_traces_is_freed(packed4):
+    """The traces refer back to their layers (closures): dropping the model must still free it
+    and its experts, as apps that load one model after another need."""
+    import gc
+    import weakref
+
+    model, _ = flash_moe.load(packed4, resident_experts=True)
+    decode(model)
+    assert traced(model)
+    source, block = weakref.ref(model.expert_source), weakref.ref(model.moe_blocks()[0])
+    del model
+    gc.collect()
+    assert source() is None and block() is None
