@@ -4,7 +4,8 @@ Per token, the Python time to build the step's graph and the time to evaluate it
 ``kernels`` (flash-moe, every expert resident, custom kernels, one-token steps compiled),
 ``kernels eager`` (the same op by op: ``FLASH_MOE_COMPILE=0``), ``reference`` (plain-MLX ops
 instead of the kernels), ``cache`` / ``cache eager`` (the device expert cache holding every
-expert, speculative slot lookups), and ``mlx-lm`` (the same weights resident in mlx-lm). The modes alternate, so drift of a noisy machine hits all of them.
+expert, speculative slot lookups), and ``mlx-lm`` (the same weights resident in mlx-lm). The
+modes alternate, so drift of a noisy machine hits all of them.
 
 Usage: python -m benchmarks.decode_overhead [--workdir DIR] [--hidden 4096 --intermediate 1024
        --experts 128 --layers 6 --top-k 10] [--reps 5] [--tokens 24] [--profile]

@@ -11,6 +11,7 @@ from typing import Optional, Protocol, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .. import kernels
 from ..kernels.reference import ExpertWeights, Projection
@@ -178,11 +179,11 @@ class StreamingMoE(nn.Module):
             shared = self.shared_expert(x2) if hasattr(self, "shared_expert") else None
             gate = self.shared_expert_gate(x2) if hasattr(self, "shared_expert_gate") else None
             if shared is not None and gate is not None and res is not None:  # combine fused into down
-                out = kernels.expert_mlp_combine(x2, weights, rows_at, scores, shared, gate, res)
+                out = kernels.expert_mlp_combine(x2, weights, rows_at, scores, shared, gate, res).astype(x2.dtype)
             else:
                 y = kernels.expert_mlp(x2, weights, rows_at, scores, out_dtype=mx.float32)
                 out = self._combine(y, shared, gate, res, x2.dtype)
-            return out.astype(x2.dtype), inds, rows
+            return out, inds, rows
         return token
 
     def _routed_from_slots(self, x2: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
@@ -364,6 +365,12 @@ class StreamingModel:
         source.speculating = False
         source.speculation_failures += 1
         return None
+
+    @staticmethod
+    def attention_cache(max_kv_size: Optional[int] = None):
+        """An attention layer's KV cache: unbounded, or a window of ``max_kv_size`` tokens kept
+        as mlx-lm's rotating cache keeps them (the first 4 tokens stay)."""
+        return KVCache() if max_kv_size is None else RotatingKVCache(max_size=max_kv_size, keep=4)
 
     def moe_blocks(self) -> list:
         return [layer.mlp for layer in self.layers if isinstance(getattr(layer, "mlp", None), StreamingMoE)]

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask, create_ssm_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .. import kernels
@@ -271,11 +271,8 @@ class Model(StreamingModel, nn.Module):
         return self.model.layers
 
     def make_cache(self, max_kv_size: Optional[int] = None) -> list:
-        """Per layer: the DeltaNet states, or a KV cache (a window of ``max_kv_size`` tokens
-        when given, as mlx-lm's rotating cache keeps them)."""
-        def kv():
-            return KVCache() if max_kv_size is None else RotatingKVCache(max_size=max_kv_size, keep=4)
-        return [ArraysCache(size=2) if l.is_linear else kv() for l in self.layers]
+        """Per layer: the DeltaNet states, or a KV cache (a window of ``max_kv_size`` tokens when given)."""
+        return [ArraysCache(size=2) if l.is_linear else self.attention_cache(max_kv_size) for l in self.layers]
 
 
 # --- checkpoint names ------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from typing import Any, Dict, Optional
 
 import mlx.core as mx
 from mlx_lm.models import qwen3_moe as _mlx
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .moe import StreamingModel, StreamingMoE
 
@@ -37,9 +36,7 @@ class Model(StreamingModel, _mlx.Model):
 
     def make_cache(self, max_kv_size: Optional[int] = None) -> list:
         """A KV cache per layer (a window of ``max_kv_size`` tokens when given)."""
-        if max_kv_size is not None:
-            return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in self.layers]
-        return [KVCache() for _ in self.layers]
+        return [self.attention_cache(max_kv_size) for _ in self.layers]
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         return weights  # the converter already wrote our names
