@@ -173,11 +173,10 @@ def bench_expert_mlp(peak: float, bits: int, k: int, N: int, sets: int, with_loo
 CONFIGS = {
     1: (("gate_up", [dict(R=4, W=4), dict(R=4, W=8), dict(R=2, W=8)]),
         ("down", [dict(R=2, W_max=16), dict(R=4, W_max=16), dict(R=8, W_max=16)])),
-    2: (("gate_up_pf", [dict(R=1, W=4, tgs=256), dict(R=1, W=8, tgs=256), dict(R=1, W=4, tgs=512),
-                        dict(R=1, W=8, tgs=512), dict(R=1, W=4, tgs=1024), dict(R=1, W=8, tgs=1024),
-                        dict(R=1, W=2, tgs=2048), dict(R=2, W=4, tgs=512)]),
-        ("down_pf", [dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=4, tgs=256), dict(R=1, tgs=512),
-                     dict(R=2, tgs=512), dict(R=1, tgs=1024), dict(R=2, tgs=1024)])),
+    # tgs=0: one threadgroup per SM (the default); 256 / R4 128: the defaults before Run 9
+    2: (("gate_up_pf", [dict(R=1, W=12, tgs=0), dict(R=1, W=8, tgs=0), dict(R=1, W=4, tgs=256),
+                        dict(R=1, W=6, tgs=264), dict(R=1, W=4, tgs=512), dict(R=2, W=4, tgs=256)]),
+        ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512)])),
     4: (("expert_mlp_sk", [dict(C=64, W=4, R=1, RD=2), dict(C=64, W=8, R=1, RD=2), dict(C=64, W=4, R=2, RD=2),
                            dict(C=64, W=4, R=1, RD=4), dict(C=64, W=2, R=1, RD=2), dict(C=128, W=4, R=1, RD=2),
                            dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),

@@ -342,6 +342,25 @@ def test_simulated_prefetching_kernels_with_looping_warps(bits, H, I, N, K, few_
 
 
 @needs_cxx
+@pytest.mark.parametrize("tgs", [10, 14, 22])  # 5, 7, 11 per token of two
+def test_simulated_gate_up_with_uneven_runs(tgs, monkeypatch):
+    """A threadgroup count that does not divide the items: the last threadgroup's run is
+    shorter, and every row is still computed once."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_pf", {"R": 2, "W": 2, "tgs": tgs})
+    U, H, I, N, K = 4, 256, 128, 2, 3
+    w = make_experts(U, H, I, 4, 64, mx.bfloat16, seed=11)
+    x = mx.random.normal((N, H))
+    inds = mx.array(np.random.default_rng(3).integers(0, U, (N, K)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
+    gate_up, _ = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=2)
+    t = gate_up.template
+    items = t["K"] * t["I"] // (t["R"] * 4)  # 4 rows side by side in a warp at H = 256
+    assert items % t["G"] != 0 and gate_up.n_groups == N * t["G"] <= tgs
+    y = _sim_expert_mlp(x, w, inds, scores, version=2)
+    assert rel(y, np_expert_mlp(x, w, inds, scores)) < 1e-5
+
+
+@needs_cxx
 @pytest.mark.parametrize("bits, gs, H, I, N, K, xdt, sdt", [
     (4, 64, 64, 64, 1, 2, mx.float32, mx.float32),       # the tiny model: 2 lanes per row
     (4, 64, 64, 64, 1, 1, mx.float32, mx.float32),       # k=1: 64 rows summed by 32 threads

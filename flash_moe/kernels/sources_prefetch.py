@@ -121,16 +121,18 @@ GATE_UP_PF = r"""
   // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (rows per item and
   // lane group), W (warps per threadgroup), G (threadgroups per token). The K*I rows of a
   // token are cut into items of R*SUB rows; threadgroup g of token n takes a contiguous run
-  // of ITEMS items, its warps take every W-th one. x' is staged once per threadgroup; each warp
-  // loads its next item while it computes the current one.
+  // of RUN items (G need not divide them: the last run may be shorter), its warps take every
+  // W-th one. x' is staged once per threadgroup; each warp loads its next item while it
+  // computes the current one.
   // Output h: [N*K, I] float32, lane-major and pre-scaled for the down kernel (same BITS).
 """ + PROJ_CONSTANTS + r"""
   constexpr int E4 = EPL / 4;
   constexpr int NI = K * I / (R * SUB);  // items per token
-  constexpr int ITEMS = NI / G;          // items per threadgroup
+  constexpr int RUN = (NI + G - 1) / G;  // items per threadgroup (fewer in the last ones)
   constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
   const int n = fm_tg / G;
-  const int it0 = (fm_tg % G) * ITEMS;
+  const int it0 = (fm_tg % G) * RUN;
+  const int ITEMS = (NI - it0 < RUN) ? NI - it0 : RUN;  // this threadgroup's items
 
   FM_SHARED float4 xs[D / 4];  // this token's x', lane-major
   FM_SHARED float xsum[D / EPL];  // plain sum of every lane chunk of x (for the biases)

@@ -1,0 +1,64 @@
+"""One-token expert matvec calls for a GPU profiler (e.g. Nsight Compute):
+
+    ncu --set full python3 tools/profile_expert_mlp.py [--bits 4] [--k 10] [--calls 6]
+    ncu --metrics gpu__time_duration.sum --csv python3 tools/profile_expert_mlp.py --sweep
+
+Each call is evaluated alone (one graph per call), on a different copy of the records so that
+no call finds its weights in L2; the profiler sees the kernels as a decode step runs them.
+``--sweep`` runs the v2 kernels at several launch shapes (their template values name them in
+the profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+
+import flash_moe.kernels as K  # noqa: E402
+from flash_moe.kernels import launch  # noqa: E402
+from benchmarks.kernels import make_experts, H  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--sets", type=int, default=4)
+    p.add_argument("--calls", type=int, default=6)
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--gate-up", nargs="*", default=None, help="R,W,threadgroups triples for the sweep")
+    p.add_argument("--down", nargs="*", default=None, help="R,threadgroups pairs (as many as --gate-up)")
+    a = p.parse_args()
+    gate_up_shapes = [tuple(map(int, t.split(","))) for t in a.gate_up] if a.gate_up else GATE_UP
+    down_shapes = [tuple(map(int, t.split(","))) for t in a.down] if a.down else DOWN
+    sets = [make_experts(a.experts, a.bits, seed) for seed in range(a.sets)]
+    x = (mx.random.normal((1, H)) * 0.5).astype(mx.bfloat16)
+    inds = mx.random.permutation(a.experts)[: a.k][None].astype(mx.int32)
+    scores = mx.softmax(mx.random.normal((1, a.k)), axis=-1)
+    mx.eval(x, inds, scores)
+    shapes = [(dict(launch.TUNING["gate_up_pf"]), dict(launch.TUNING["down_pf"]))]
+    if a.sweep:
+        shapes += [(dict(R=r, W=w, tgs=t), dict(R=rd, tgs=td)) for (r, w, t), (rd, td) in zip(gate_up_shapes, down_shapes)]
+    for gate_up, down in shapes:
+        launch.TUNING["gate_up_pf"], launch.TUNING["down_pf"] = gate_up, down
+        for i in range(a.calls):
+            mx.eval(K.expert_mlp(x, sets[i % a.sets], inds, scores, out_dtype=mx.float32))
+            mx.synchronize()
+        print("ran", gate_up, down, flush=True)
+
+
+# Launch shapes of the sweep, in pairs (gate/up R, W, threadgroups; down R, threadgroups).
+GATE_UP = [(1, 4, 396), (1, 4, 264), (1, 8, 132), (1, 8, 198), (1, 2, 792), (1, 2, 528), (2, 4, 256),
+           (2, 4, 396), (1, 4, 512), (1, 4, 320), (2, 2, 528), (1, 4, 1024)]
+DOWN = [(2, 128), (4, 256), (2, 256), (1, 256), (4, 64), (1, 512), (2, 512), (1, 128), (4, 128), (4, 128),
+        (4, 128), (4, 128)]
+
+
+if __name__ == "__main__":
+    main()
