@@ -1,0 +1,153 @@
+"""Where the over-memory decode's peak RSS comes from: the streaming benchmark's capped child,
+run without a cap, with a thread sampling the process's memory every millisecond.
+
+    python -m benchmarks.rss_trace --workdir DIR [--hidden 4096 --intermediate 1024 --top-k 10 ...]
+
+Prints, at each event (model steps, record arrays allocated), the resident memory split into
+anonymous / file-backed / shared pages (``/proc/self/status``) and MLX's active and cached
+bytes, then the peak of each between two events. The peak's interval names what raised it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+import mlx.core as mx
+
+from . import measure as M
+from .streaming import load_capped, peak_rss, warmup_shape
+from .synthetic import Shape, ensure_models
+
+FIELDS = ("RssAnon", "RssFile", "RssShmem")
+
+
+def sample() -> Tuple[int, int, int]:
+    """(anon, file, shmem) resident bytes of this process."""
+    values = dict.fromkeys(FIELDS, 0)
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in values:
+                values[key] = int(line.split()[1]) * 1024
+    return tuple(values[k] for k in FIELDS)
+
+
+class Sampler(threading.Thread):
+    """Samples every ``period`` seconds; ``mark(label)`` starts a new interval."""
+
+    def __init__(self, period: float = 0.001):
+        super().__init__(daemon=True)
+        self.period, self.stop = period, threading.Event()
+        self.intervals: List[list] = []  # [label, at-start sample, peak sample, mlx active, mlx cache]
+        self.mark("start")
+
+    def mark(self, label: str) -> None:
+        now = sample()
+        self.intervals.append([label, now, now, mx.get_active_memory(), mx.get_cache_memory()])
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            s = sample()
+            cur = self.intervals[-1]
+            if sum(s) > sum(cur[2]):
+                cur[2] = s
+            time.sleep(self.period)
+
+
+def mb(x: int) -> str:
+    return f"{x / 1e6:7.0f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default=os.environ.get("FLASH_MOE_BENCH_DIR", "/tmp/flash-moe-bench"))
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--tokens", type=int, default=6)
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--cache-bytes", type=int, default=64 << 20, help="the child's expert cache and largest read")
+    p.add_argument("--build-only", action="store_true", help="build the models and exit (the build's memory "
+                   "would otherwise stay in this process's figures)")
+    args = p.parse_args(argv)
+
+    if "torch" not in sys.modules:  # as the benchmark's child: the tokenizer stack would pull it in
+        sys.modules["torch"] = None
+    from flash_moe.io import records
+
+    cpu = mx.default_device().type == mx.cpu
+    shape = Shape(hidden=args.hidden, intermediate=args.intermediate, experts=args.experts, layers=args.layers,
+                  top_k=args.top_k, dtype=args.dtype or ("float32" if cpu else "bfloat16"))
+    packed = ensure_models(shape, Path(args.workdir), print)["packed"]
+    small = None if cpu else ensure_models(warmup_shape(shape), Path(args.workdir), print)["packed"]
+    if args.build_only:
+        return 0
+
+    sampler = Sampler()
+    init = records.RecordArrays.__init__
+
+    def logged_init(self, layout, rows, on_host=False):
+        sampler.mark(f"RecordArrays rows={rows} on_host={on_host}")
+        init(self, layout, rows, on_host)
+        sampler.mark(f"  allocated ({rows * layout.record_size / 1e6:.0f} MB)")
+
+    records.RecordArrays.__init__ = logged_init
+    sampler.start()
+    mx.set_cache_limit(args.cache_bytes // 2)
+    if small is not None:
+        sampler.mark("GPU runtime: small model")
+        model = load_capped(small, args.threads, args.cache_bytes)
+        M.decode(model, model.make_cache, M.prompt_ids(8), 2)
+        del model
+        gc.collect()
+        mx.clear_cache()
+    sampler.mark("load")
+    model = load_capped(packed, args.threads, args.cache_bytes)
+    sampler.mark("loaded")
+    step = [0]
+    call = type(model).__call__
+
+    def logged_call(self, inputs, *a, **kw):
+        sampler.mark(f"step {step[0]} ({inputs.shape[1]} tokens)")
+        step[0] += 1
+        return call(self, inputs, *a, **kw)
+
+    type(model).__call__ = logged_call
+    reader = model.expert_reader
+    read = reader.read
+
+    def logged_read(layer, experts, into=None, *a, **kw):  # reads into the expert cache's slots
+        sampler.mark(f"  read into cache: layer {layer}, {len(experts)} records")
+        return read(layer, experts, into, *a, **kw)
+
+    reader.read = logged_read
+    r = M.decode(model, model.make_cache, M.prompt_ids(8), args.tokens, model.expert_reader,
+                 before=model.expert_reader.drop_page_cache)
+    sampler.mark("decoded")
+    time.sleep(0.01)
+    sampler.stop.set()
+    sampler.join()
+
+    print(f"{r['tok_s']:.2f} tok/s; {mx.default_device()}; MB:")
+    print(f"{'interval':42} {'start anon/file/shmem':>24} {'peak anon/file/shmem':>24} {'peak':>7} "
+          f"{'mlx act':>7} {'cache':>7}")
+    for label, start, peak, active, cached in sampler.intervals:
+        print(f"{label[:42]:42} {mb(start[0])}{mb(start[1])}{mb(start[2])}   {mb(peak[0])}{mb(peak[1])}{mb(peak[2])} "
+              f"{mb(sum(peak))} {mb(active)} {mb(cached)}")
+    top = max(sampler.intervals, key=lambda iv: sum(iv[2]))
+    print(f"highest peak {sum(top[2]) / 1e6:.0f} MB in interval {top[0]!r}; VmHWM {peak_rss() / 1e6:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
