@@ -11,7 +11,6 @@ bytes, then the peak of each between two events. The peak's interval names what 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import threading
@@ -22,7 +21,7 @@ from typing import List, Tuple
 import mlx.core as mx
 
 from . import measure as M
-from .streaming import load_capped, peak_rss, warmup_shape
+from .streaming import load_capped, peak_rss, start_gpu_runtime, warmup_shape
 from .synthetic import Shape, ensure_models
 
 FIELDS = ("RssAnon", "RssFile", "RssShmem")
@@ -106,11 +105,7 @@ def main(argv=None) -> int:
     mx.set_cache_limit(args.cache_bytes // 2)
     if small is not None:
         sampler.mark("GPU runtime: small model")
-        model = load_capped(small, args.threads, args.cache_bytes)
-        M.decode(model, model.make_cache, M.prompt_ids(8), 2)
-        del model
-        gc.collect()
-        mx.clear_cache()
+        start_gpu_runtime(small, args.threads, args.cache_bytes)
     sampler.mark("load")
     model = load_capped(packed, args.threads, args.cache_bytes)
     sampler.mark("loaded")
