@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 V1 = Path("/sys/fs/cgroup/memory")
 V2 = Path("/sys/fs/cgroup")
@@ -76,19 +76,29 @@ def run_capped(limit: int, argv: List[str], timeout: float = 900) -> Dict:
         cap.close()
 
 
-def status_kb(field: str) -> int:
-    """A ``/proc/self/status`` field in KiB (e.g. ``VmRSS``, ``VmHWM``), 0 if absent."""
+RSS_PARTS = ("RssAnon", "RssFile", "RssShmem")  # anonymous / file-mapped / shared resident memory
+
+
+def status_fields(fields: Sequence[str]) -> Dict[str, int]:
+    """``/proc/self/status`` fields in KiB (e.g. ``VmRSS``, ``VmHWM``), 0 where absent; one read."""
+    values = dict.fromkeys(fields, 0)
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+            key = line.split(":", 1)[0]
+            if key in values:
+                values[key] = int(line.split()[1])
+    return values
+
+
+def status_kb(field: str) -> int:
+    """One ``/proc/self/status`` field in KiB, 0 if absent."""
+    return status_fields((field,))[field]
 
 
 def own_usage() -> str:
     """The calling process's RSS (anonymous / file-mapped / shared parts) and its memory cgroup's
     usage (anon / file), for progress lines."""
-    parts = " / ".join(f"{status_kb(f) / 1024:.0f}" for f in ("RssAnon", "RssFile", "RssShmem"))
+    parts = " / ".join(f"{kb / 1024:.0f}" for kb in status_fields(RSS_PARTS).values())
     out = f"rss {status_kb('VmRSS') / 1024:.0f} MB (anon / file / shmem {parts})"
     groups = {}  # controller list -> path ("" is cgroup v2's unified line)
     for line in open("/proc/self/cgroup").read().splitlines():

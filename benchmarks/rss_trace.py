@@ -3,7 +3,7 @@ run without a cap, with a thread sampling the process's memory every millisecond
 
     python -m benchmarks.rss_trace --workdir DIR [--hidden 4096 --intermediate 1024 --top-k 10 ...]
 
-Prints, at each event (model steps, record arrays allocated), the resident memory split into
+Prints, at each event (model steps, record arrays allocated, reads into the expert cache), the resident memory split into
 anonymous / file-backed / shared pages (``/proc/self/status``) and MLX's active and cached
 bytes, then the peak of each between two events. The peak's interval names what raised it.
 """
@@ -21,21 +21,13 @@ from typing import List, Tuple
 import mlx.core as mx
 
 from . import measure as M
+from .memcap import RSS_PARTS, status_fields
 from .streaming import load_capped, peak_rss, start_gpu_runtime, warmup_shape
 from .synthetic import Shape, ensure_models
 
-FIELDS = ("RssAnon", "RssFile", "RssShmem")
-
-
-def sample() -> Tuple[int, int, int]:
+def sample() -> Tuple[int, ...]:
     """(anon, file, shmem) resident bytes of this process."""
-    values = dict.fromkeys(FIELDS, 0)
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":", 1)[0]
-            if key in values:
-                values[key] = int(line.split()[1]) * 1024
-    return tuple(values[k] for k in FIELDS)
+    return tuple(kb * 1024 for kb in status_fields(RSS_PARTS).values())
 
 
 class Sampler(threading.Thread):

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..kernels import gpu_target
+from ..kernels import cuda_driver, gpu_target
 
 _SET_PREFERRED_LOCATION, _UNSET_PREFERRED_LOCATION = 3, 4
 _SET_ACCESSED_BY, _UNSET_ACCESSED_BY = 5, 6
@@ -40,17 +40,15 @@ def on_cuda() -> bool:
 @functools.lru_cache(maxsize=1)
 def _driver() -> Optional[Tuple[ctypes.CDLL, ctypes.c_void_p]]:
     """libcuda and the primary context MLX runs in, or None (with one warning) if unusable."""
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        lib.cuMemAdvise_v2.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
-        device, ctx = ctypes.c_int(), ctypes.c_void_p()
-        if lib.cuDeviceGet(ctypes.byref(device), 0) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device):
-            raise OSError("no CUDA device 0 or its primary context")
-        return lib, ctx
-    except (OSError, AttributeError) as exc:
-        warnings.warn(f"flash-moe: cannot advise the CUDA driver on memory placement ({exc}); "
+    found, why = cuda_driver.driver()
+    if found is not None and not hasattr(found[0], "cuMemAdvise_v2"):
+        found, why = None, "this driver has no cuMemAdvise_v2"
+    if found is None:
+        warnings.warn(f"flash-moe: cannot advise the CUDA driver on memory placement ({why}); "
                       "streamed records will migrate page by page (slower, still correct)")
         return None
+    found[0].cuMemAdvise_v2.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _Location]
+    return found
 
 
 def _advise(views: Sequence[np.ndarray], advice: Sequence[Tuple[int, int]]) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from . import codegen
+from . import codegen, cuda_driver
 from .reference import ExpertWeights, Projection
 
 FLOATS = (mx.float32, mx.bfloat16, mx.float16)
@@ -90,25 +90,12 @@ DYNAMIC_SMEM_LIMIT = {"metal": 32 * 1024, "cuda": 227 * 1024}
 POISON: Optional[float] = None
 
 
-@functools.lru_cache(maxsize=None)
 def gpu_cores(target: str) -> Optional[int]:
     """Streaming multiprocessors of the CUDA device MLX computes on (None off CUDA or unknown)."""
     cuda = getattr(mx, "cuda", None)
     if target != "cuda" or cuda is None or not cuda.is_available():
         return None
-    try:
-        import ctypes
-
-        lib = ctypes.CDLL("libcuda.so.1")
-        device, count = ctypes.c_int(), ctypes.c_int()
-        if lib.cuInit(0) or lib.cuDeviceGet(ctypes.byref(device), 0):
-            return None
-        _MULTIPROCESSOR_COUNT = 16  # CUdevice_attribute
-        if lib.cuDeviceGetAttribute(ctypes.byref(count), _MULTIPROCESSOR_COUNT, device):
-            return None
-        return count.value or None
-    except (OSError, AttributeError):
-        return None
+    return cuda_driver.multiprocessors()
 
 
 @dataclass(frozen=True)
