@@ -173,10 +173,14 @@ def bench_expert_mlp(peak: float, bits: int, k: int, N: int, sets: int, with_loo
 CONFIGS = {
     1: (("gate_up", [dict(R=4, W=4), dict(R=4, W=8), dict(R=2, W=8)]),
         ("down", [dict(R=2, W_max=16), dict(R=4, W_max=16), dict(R=8, W_max=16)])),
-    # tgs=0: one threadgroup per SM (the default); 256 / R4 128: the defaults before Run 9
+    # tgs=0: one threadgroup per SM; 256 / R4 128: the defaults before Run 9; PF: L2 hints (16 the
+    # threadgroup's whole run, 1-15 items ahead); DB=0: gate/up without its double buffer (Run 10)
     2: (("gate_up_pf", [dict(R=1, W=12, tgs=0), dict(R=1, W=8, tgs=0), dict(R=1, W=4, tgs=256),
-                        dict(R=1, W=6, tgs=264), dict(R=1, W=4, tgs=512), dict(R=2, W=4, tgs=256)]),
-        ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512)])),
+                        dict(R=1, W=6, tgs=264), dict(R=2, W=4, tgs=256), dict(R=1, W=12, tgs=0, PF=16),
+                        dict(R=1, W=16, tgs=264, DB=0, PF=16), dict(R=1, W=8, tgs=528, DB=0, PF=16),
+                        dict(R=1, W=16, tgs=264, DB=0, PF=4)]),
+        ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512),
+                     dict(R=1, tgs=256, PF=1), dict(R=2, tgs=128, PF=1)])),
     4: (("expert_mlp_sk", [dict(C=64, W=4, R=1, RD=2), dict(C=64, W=8, R=1, RD=2), dict(C=64, W=4, R=2, RD=2),
                            dict(C=64, W=4, R=1, RD=4), dict(C=64, W=2, R=1, RD=2), dict(C=128, W=4, R=1, RD=2),
                            dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),
@@ -210,7 +214,7 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
             t = timeit(chained(lambda xi, i: launch.expert_mlp(target, xi, ws[i % sets], inds, scores,
                                                                version=version), x))
             shape = " ".join(f"{n}{v}" for p in plans for n, v in p.template.items()
-                             if n in ("C", "R", "RD", "W", "P", "G", "RPT"))
+                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF"))
             row(key, f"b{bits} k{k} {shape} chained", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:
                 best[key] = (t, dict(cfg))

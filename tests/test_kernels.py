@@ -251,7 +251,8 @@ def test_metal_translation_unit_follows_mlx_wrapper():
     assert "const constant int32_t* inds [[buffer(7)]]" in src  # fewer than 8 elements
     assert "device float* h [[buffer(8)]]" in src
     assert "uint3 threadgroup_position_in_grid [[threadgroup_position_in_grid]]" in src
-    assert "template <int BITS, int GS, int D, int I, int K, int R, int W, int G, typename XT, typename ST>" in src
+    assert ("template <int BITS, int GS, int D, int I, int K, int R, int W, int G, int DB, int PF, typename XT, "
+            "typename ST>") in src
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,6 +359,62 @@ def test_simulated_gate_up_with_uneven_runs(tgs, monkeypatch):
     assert items % t["G"] != 0 and gate_up.n_groups == N * t["G"] <= tgs
     y = _sim_expert_mlp(x, w, inds, scores, version=2)
     assert rel(y, np_expert_mlp(x, w, inds, scores)) < 1e-5
+
+
+def _merged(ranges):
+    """Sorted, merged [start, end) byte ranges."""
+    out = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [tuple(r) for r in out]
+
+
+@needs_cxx
+@pytest.mark.parametrize("pf, tgs, db", [(16, 2, 1), (16, 10, 1), (1, 2, 1), (2, 2, 1), (8, 2, 1), (16, 10, 0),
+                                         (3, 2, 0)])
+def test_simulated_l2_hints_cover_the_rows_read(pf, tgs, db, monkeypatch):
+    """The L2 hints (FM_PREFETCH_L2) stay inside the inputs (the simulator checks every one),
+    change no result (with or without gate/up's double buffer, DB), and cover what they promise:
+    the whole run of each threadgroup (PF 16), every item of each warp after its first (PF 1-15,
+    at any distance), down's rows."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_pf", {"R": 2, "W": 2, "tgs": tgs, "PF": pf, "DB": db})
+    monkeypatch.setitem(launch.TUNING, "down_pf", {"R": 2, "tgs": 2, "PF": 1})
+    U, H, I, N, K, bits = 6, 256, 128, 2, 3, 4
+    w = make_experts(U, H, I, bits, 64, mx.bfloat16, seed=5)
+    x = mx.random.normal((N, H))
+    inds = mx.array(np.array([[4, 1, 5], [1, 0, 2]], dtype=np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
+    gate_up, down = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=2)
+    assert gate_up.template["PF"] == pf and down.template["PF"] == 1
+    hints = []
+    (h,) = simt.simulate(gate_up, hints)
+    down.inputs[0] = h
+    down_hints = []
+    (y,) = simt.simulate(down, down_hints)
+    assert rel(y.astype(x.dtype), np_expert_mlp(x, w, inds, scores)) < 1e-5
+
+    t, rows_per_item = gate_up.template, 2 * 4  # R = 2, 4 rows side by side in a warp at H = 256
+    items, G, W = K * I // rows_per_item, t["G"], t["W"]
+    run = -(-items // G)
+    expected_rows = set()  # (expert, row) pairs the hints must bring
+    for n in range(N):
+        for g in range(G):
+            first, last = g * run, min(items, (g + 1) * run)
+            for it in range(first, last):
+                if pf < 16 and (it - first) < W:  # a warp's first item is loaded directly
+                    continue
+                for r in range(it * rows_per_item, (it + 1) * rows_per_item):
+                    expected_rows.add((int(inds[n, r // I]), r % I))
+    for name, proj in (("wg", w.gate.weight), ("sg", w.gate.scales), ("bu", w.up.biases)):
+        row_bytes = proj.nbytes // (U * I)
+        want = _merged([((e * I + r) * row_bytes, (e * I + r + 1) * row_bytes) for e, r in expected_rows])
+        assert _merged([(a, b) for n_, a, b in hints if n_ == name]) == want, name
+    row_bytes = w.down.weight.nbytes // (U * H)
+    want = _merged([(e * H * row_bytes, (e + 1) * H * row_bytes) for e in set(np.array(inds).ravel().tolist())])
+    assert _merged([(a, b) for n_, a, b in down_hints if n_ == "wd"]) == want
 
 
 @needs_cxx
@@ -539,3 +596,26 @@ def test_replayed_combine_and_delta_steps(simulated_launches):
         assert out.dtype == mx.bfloat16 and rel(out, reference.moe_combine(e, sh, gate, r)) < 1e-2
     assert simulated_launches == ["gated_delta", "combine"]  # planned once each
     assert launch.gated_delta_step("cuda", q[..., :12], k[..., :12], v, g, beta, state) is None  # DK != state's
+
+
+def test_launch_shapes_from_json_text_file_and_environment(tmp_path, monkeypatch):
+    monkeypatch.setitem(launch.TUNING, "down_pf", dict(launch.TUNING["down_pf"]))
+    monkeypatch.setitem(launch.TUNING, "gate_up_pf", dict(launch.TUNING["gate_up_pf"]))
+    launch.load_tuning('{"down_pf": {"PF": 1}}')
+    assert launch.TUNING["down_pf"]["PF"] == 1 and launch.TUNING["down_pf"]["R"] >= 1  # merged, not replaced
+    f = tmp_path / "shapes.json"
+    f.write_text('{"gate_up_pf": {"W": 16, "DB": 0}}')
+    launch.load_tuning(str(f))
+    assert launch.TUNING["gate_up_pf"]["W"] == 16 and launch.TUNING["gate_up_pf"]["DB"] == 0
+    for text, words in (('{"gate_up": {"W": 2}, "nope": {}}', "nope"), ('{"down_pf": {"R": "2"}}', "down_pf"),
+                        ("{not json", "not valid JSON"), (str(tmp_path / "missing.json"), "missing.json")):
+        with pytest.raises(ValueError, match=words):
+            launch.load_tuning(text)
+    launch.load_tuning('{"gate_up_pf": {"PF": 17}}')  # merged, but no plan takes it
+    w = make_experts(2, 64, 64, 4, 64)
+    with pytest.raises(ValueError, match="PF 0-16"):
+        launch.plan_expert_mlp("cuda", mx.zeros((1, 64)), w, mx.array([[0, 1]]), mx.ones((1, 2)), version=2)
+    env = dict(__import__("os").environ, FLASH_MOE_TUNING=str(f))
+    out = subprocess.run([sys.executable, "-c", "from flash_moe.kernels import launch; print(launch.TUNING['gate_up_pf'])"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    assert "'W': 16" in out and "'DB': 0" in out

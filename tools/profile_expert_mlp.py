@@ -2,6 +2,7 @@
 
     ncu --set full python3 tools/profile_expert_mlp.py [--bits 4] [--k 10] [--calls 6]
     ncu --metrics gpu__time_duration.sum --csv python3 tools/profile_expert_mlp.py --sweep
+    python3 tools/ncu_sweep.py --gate-up 1,12,0 1,16,264,0,-1 --down 1,256 1,256,1   (a table)
 
 Each call is evaluated alone (one graph per call), on a different copy of the records so that
 no call finds its weights in L2; the profiler sees the kernels as a decode step runs them.
@@ -32,8 +33,9 @@ def main() -> None:
     p.add_argument("--sets", type=int, default=4)
     p.add_argument("--calls", type=int, default=6)
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--gate-up", nargs="*", default=None, help="R,W,threadgroups triples for the sweep")
-    p.add_argument("--down", nargs="*", default=None, help="R,threadgroups pairs (as many as --gate-up)")
+    p.add_argument("--gate-up", nargs="*", default=None,
+                   help="R,W,threadgroups[,DB[,PF]] for the sweep (DB: double buffer, PF: L2 hints)")
+    p.add_argument("--down", nargs="*", default=None, help="R,threadgroups[,PF] (as many as --gate-up)")
     a = p.parse_args()
     gate_up_shapes = [tuple(map(int, t.split(","))) for t in a.gate_up] if a.gate_up else GATE_UP
     down_shapes = [tuple(map(int, t.split(","))) for t in a.down] if a.down else DOWN
@@ -44,7 +46,8 @@ def main() -> None:
     mx.eval(x, inds, scores)
     shapes = [(dict(launch.TUNING["gate_up_pf"]), dict(launch.TUNING["down_pf"]))]
     if a.sweep:
-        shapes += [(dict(R=r, W=w, tgs=t), dict(R=rd, tgs=td)) for (r, w, t), (rd, td) in zip(gate_up_shapes, down_shapes)]
+        shapes += [(dict(zip(("R", "W", "tgs", "DB", "PF"), g)), dict(zip(("R", "tgs", "PF"), d)))
+                   for g, d in zip(gate_up_shapes, down_shapes)]
     for gate_up, down in shapes:
         launch.TUNING["gate_up_pf"], launch.TUNING["down_pf"] = gate_up, down
         for i in range(a.calls):

@@ -47,6 +47,9 @@ METAL_MACROS = r"""
 #define FM_CP_ASYNC4(dst, src) (*(dst) = *(src))
 #define FM_CP_COMMIT()
 #define FM_CP_WAIT(n)
+#define FM_AND_OR(a, b, c) (((a) & (b)) | (c))
+// Apple GPUs have no prefetch-to-cache instruction: an L2 hint is nothing.
+#define FM_PREFETCH_L2(p, bytes) ((void)0)
 """
 
 CUDA_MACROS = r"""
@@ -77,6 +80,26 @@ FM_INLINE void fm_cp_async16(void* dst, const void* src) {
 FM_INLINE void fm_cp_async4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
                ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+}
+// (a & b) | c in one LOP3 instruction: with two immediate operands the compiler may emit an AND
+// and an OR, and that is once per dequantized element.
+#define FM_AND_OR(a, b, c) fm_and_or((a), (b), (c))
+FM_INLINE uint32_t fm_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+// L2 hint: a bulk prefetch (sm_90+) of the 16-byte-aligned part of [p, p + bytes), which holds
+// no registers while in flight. Nothing on older GPUs.
+#define FM_PREFETCH_L2(p, bytes) fm_prefetch_l2((const void*)(p), (unsigned long long)(bytes))
+FM_INLINE void fm_prefetch_l2(const void* p, unsigned long long bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned long long a = (__cvta_generic_to_global(p) + 15ull) & ~15ull;
+  const unsigned long long e = (__cvta_generic_to_global(p) + bytes) & ~15ull;
+  if (e > a) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(a), "r"((unsigned)(e - a)) : "memory");
+  }
+#endif
 }
 """
 
@@ -173,10 +196,10 @@ GATE_UP_PF = KernelSpec(
     inputs=_PROJ_INPUTS,
     outputs=("h",),
     body=sources_prefetch.GATE_UP_PF,
-    template=("BITS", "GS", "D", "I", "K", "R", "W", "G", "XT", "ST"),
+    template=("BITS", "GS", "D", "I", "K", "R", "W", "G", "DB", "PF", "XT", "ST"),
 )
 DOWN_PF, DOWN_COMBINE_PF = _down_pair("_pf", sources_prefetch.DOWN_PF,
-                                      ("BITS", "GS", "D", "O", "K", "R", "RPT", "ST", "RT", "OutT"))
+                                      ("BITS", "GS", "D", "O", "K", "R", "RPT", "PF", "ST", "RT", "OutT"))
 # Split-K expert MLP, v4: one launch, gate/up and down per chunk of expert rows, atomic sum.
 EXPERT_MLP_SK = KernelSpec(
     name="expert_mlp_sk", inputs=_PROJ_INPUTS + ("wd", "sd", "bd", "scores"), outputs=("y",),
@@ -362,4 +385,8 @@ def template_args(spec: KernelSpec, values: Dict[str, TemplateValue]) -> List[Tu
     missing = [t for t in spec.template if t not in values]
     if missing:
         raise KeyError(f"{spec.name}: missing template values {missing}")
+    # MLX's CUDA backend puts the values in the kernel's C++ name: a minus sign breaks it
+    negative = [t for t in spec.template if isinstance(values[t], int) and values[t] < 0]
+    if negative:
+        raise ValueError(f"{spec.name}: template values must not be negative: {negative}")
     return [(t, values[t]) for t in spec.template]

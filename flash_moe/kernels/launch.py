@@ -11,6 +11,7 @@ template values that run. Launch shapes (row slots per warp ``R``, warps per thr
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -34,8 +35,11 @@ TUNING: Dict[str, Dict[str, int]] = {
     # threadgroups per launch, 0 for one per GPU core (SM; 256 where the count is unknown). At
     # 159 registers a thread, an SM holds one threadgroup of 12 warps: one wave, one staging of
     # x per SM (Nsight Compute on an H200, 4-bit k=10: 25.9 us against 29.6 for R1 W4 256).
-    "gate_up_pf": {"R": 1, "W": 12, "tgs": 0},
-    "down_pf": {"R": 1, "tgs": 256},
+    # DB: 1 double-buffers gate/up's items (0: half the registers); PF: L2 hints (gate/up: 1-15
+    # items ahead, 16 the threadgroup's whole run; down: nonzero). Neither beat these defaults
+    # on the H200 (KERNELS_NOTES.md, Run 10).
+    "gate_up_pf": {"R": 1, "W": 12, "tgs": 0, "DB": 1, "PF": 0},
+    "down_pf": {"R": 1, "tgs": 256, "PF": 0},
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
     "expert_mlp_sk": {"C": 64, "W": 4, "R": 1, "RD": 2},
@@ -44,6 +48,34 @@ TUNING: Dict[str, Dict[str, int]] = {
     "combine": {"W": 8},
     "gated_delta": {"R": 2, "W": 4},
 }
+
+def load_tuning(text: str) -> None:
+    """Merge launch shapes into ``TUNING``: JSON text or the path of a JSON file, e.g.
+    ``{"gate_up_pf": {"W": 16, "tgs": 264}}`` (what ``FLASH_MOE_TUNING`` holds at import)."""
+    source = "FLASH_MOE_TUNING"
+    if not text.lstrip().startswith("{"):
+        source = text
+        try:
+            with open(text) as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"launch shapes file {source}: {e.strerror}; give JSON text or a readable file") from None
+    try:
+        shapes = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"launch shapes in {source} are not valid JSON ({e})") from None
+    unknown = sorted(set(shapes) - set(TUNING))
+    bad = [k for k, v in shapes.items() if k in TUNING and not (
+        isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) for n in v.values()))]
+    if unknown or bad:
+        raise ValueError(f"launch shapes in {source}: unknown kernels {unknown}, not a name->int mapping {bad}; "
+                         f"kernels are {sorted(TUNING)}")
+    for kernel, values in shapes.items():
+        TUNING[kernel] = {**TUNING[kernel], **values}
+
+
+if os.environ.get("FLASH_MOE_TUNING"):
+    load_tuning(os.environ["FLASH_MOE_TUNING"])
 
 # Which projection kernels run: 1 (the fallback for shapes the others do not cover), 2
 # (prefetching, two launches), 4 (split-K in one launch with an atomic sum, not bit-reproducible
@@ -343,6 +375,8 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     Rd = _rows_per_warp(D, sub_i, td["R"])
     if R is None or Rd is None:
         return None
+    if not (0 <= tg.get("PF", 0) <= 16 and tg.get("DB", 1) in (0, 1) and td.get("PF", 0) >= 0):
+        raise ValueError(f"v2 launch shapes out of range (PF 0-16, DB 0 or 1): gate_up_pf {tg}, down_pf {td}")
     items = K * I // (R * sub_d)
     # G need not divide the items (a grid that fills the GPU in one wave can beat a divisor);
     # every threadgroup gets items
@@ -355,7 +389,8 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     gate_up = Plan(
         codegen.GATE_UP_PF,
         _gate_up_inputs(x, w, inds),
-        dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, XT=x.dtype, ST=w.gate.scales.dtype),
+        dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=tg.get("DB", 1), PF=tg.get("PF", 0), XT=x.dtype,
+             ST=w.gate.scales.dtype),
         N * G, W * 32, [(N * K, I)], [mx.float32],
     )
     # rows per threadgroup: the fewest (a multiple of Rd * SUB dividing D) that keep the
@@ -369,8 +404,8 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     down = Plan(
         codegen.DOWN_PF,
         _down_inputs(w, N * K, I, inds, scores),
-        dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, RPT=rpt, ST=w.down.scales.dtype, RT=scores.dtype,
-             OutT=out_dtype),
+        dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, RPT=rpt, PF=td.get("PF", 0), ST=w.down.scales.dtype,
+             RT=scores.dtype, OutT=out_dtype),
         N * (D // rpt), K * 32, [(N, D)], [out_dtype],
     )
     return gate_up, down

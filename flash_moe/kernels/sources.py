@@ -28,7 +28,7 @@ HELPERS = r"""
 // conversion. The caller pre-scales the matching x by 2^-(BITS*p), so that
 // (q * 2^(BITS*p)) * (x * 2^-(BITS*p)) == q * x.
 FM_INLINE float fm_field(uint32_t w, uint32_t mask) {
-  return FM_AS_FLOAT((w & mask) | 0x4B000000u) - 8388608.0f;
+  return FM_AS_FLOAT(FM_AND_OR(w, mask, 0x4B000000u)) - 8388608.0f;
 }
 
 // 2^-(BITS*p) for element i of a lane chunk: p is its field position inside its

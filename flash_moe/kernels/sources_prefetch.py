@@ -23,10 +23,12 @@ X_STEP = r"""      float xv[EPL];
 """
 
 # The gate/up part shared by v2 and the split-K v4: each warp walks its items (R rows of gate
-# and of up per lane group), loading the next item while it computes the current one. The
-# kernel defines, before these fragments: ITEMS (items of this threadgroup), FM_ITEM_ROW(item, r)
-# (the expert row index pr of row slot r), FM_WEIGHT_ROW(pr) (its row in the stacked weights) and
-# FM_STORE_H(pr, v) (where silu(g) * u of row pr goes), and the int ``item`` (the warp's first).
+# and of up per lane group), loading the next item while it computes the current one (DB = 1;
+# with DB = 0 it loads each item when it gets to it, in half the registers). The kernel defines,
+# before these fragments: ITEMS (items of this threadgroup), DB, FM_ITEM_ROW(item, r) (the expert
+# row index pr of row slot r), FM_WEIGHT_ROW(pr) (its row in the stacked weights), FM_STORE_H(pr,
+# v) (where silu(g) * u of row pr goes), FM_HINT_AHEAD(item) (L2 hints once the warp's next item
+# is known; may be empty) and the int ``item`` (the warp's first).
 GATE_UP_ITEM_LOADS = r"""
   uint4 ng[R][NSTEP];
   uint4 nu[R][NSTEP];
@@ -67,8 +69,54 @@ STAGE_X4 = r"""  for (int t = fm_tid; t < D / 4; t += W * 32) {
   }
 """ + STAGE_XSUM
 
+# L2 hints of the gate/up kernels (template int PF): 0 none; 1-15 each warp keeps the rows of its
+# PF next items on their way to L2 (one hint per array and item, from lanes 0-5); 16 (PF_RUN) the
+# threadgroup hints its whole run at the start (one hint per array and expert it touches). A hint
+# holds no registers while the bytes are in flight and changes no result; FM_PREFETCH_L2 is a bulk
+# L2 prefetch on CUDA sm_90 and nothing where the target has none (Metal). An item is R * SUB
+# consecutive rows of one expert, so each array's part of it is one contiguous range. Needs
+# FM_WEIGHT_ROW (as the item loads) and it0 (the threadgroup's first item).
+GATE_UP_L2_HINTS = r"""  constexpr int PF_RUN = 16;
+#define FM_HINT_ROWS(a, wrow, rows)                                              \
+  switch (a) {                                                                   \
+    case 0: FM_PREFETCH_L2(wg + (wrow) * WPR, (rows) * WPR * 4); break;          \
+    case 1: FM_PREFETCH_L2(wu + (wrow) * WPR, (rows) * WPR * 4); break;          \
+    case 2: FM_PREFETCH_L2(sg + (wrow) * GPR, (rows) * GPR * sizeof(ST)); break; \
+    case 3: FM_PREFETCH_L2(bg + (wrow) * GPR, (rows) * GPR * sizeof(ST)); break; \
+    case 4: FM_PREFETCH_L2(su + (wrow) * GPR, (rows) * GPR * sizeof(ST)); break; \
+    case 5: FM_PREFETCH_L2(bu + (wrow) * GPR, (rows) * GPR * sizeof(ST)); break; \
+    default: break;                                                              \
+  }
+#define FM_HINT_ITEM(it, a) FM_HINT_ROWS((a), FM_WEIGHT_ROW((it0 + (it)) * R * SUB), R * SUB)
+#define FM_HINT_AHEAD(next)                                                \
+  if (PF > 0 && PF < PF_RUN && fm_lane < 6 && (next) + PF * W < ITEMS) {  \
+    FM_HINT_ITEM((next) + PF * W, fm_lane);                                \
+  }
+  if (PF > 0 && PF < PF_RUN) {  // this warp's next PF items (its first is being loaded directly)
+    for (int q = fm_lane; q < 6 * PF; q += 32) {
+      const int it = fm_warp + (1 + q / 6) * W;
+      if (it < ITEMS) {
+        FM_HINT_ITEM(it, q % 6);
+      }
+    }
+  } else if (PF == PF_RUN) {  // the threadgroup's whole run: rows [r0, r1) of the token's K * I
+    const int r0 = it0 * R * SUB;
+    const int r1 = (it0 + ITEMS) * R * SUB;
+    const int e0 = r0 / I;
+    for (int q = fm_tid; q < 6 * ((r1 - 1) / I - e0 + 1); q += W * 32) {
+      const int e = e0 + q / 6;  // slot of the token's experts
+      const int a = (e * I > r0) ? e * I : r0;
+      const int b = ((e + 1) * I < r1) ? (e + 1) * I : r1;
+      FM_HINT_ROWS(q % 6, FM_WEIGHT_ROW(a), b - a);
+    }
+  }
+"""
+
 GATE_UP_ITEM_LOOP = r"""
   while (item < ITEMS) {  // uniform across the warp
+    if (!DB) {  // no double buffer: this item's loads, waited for here
+      FM_LOAD_ITEM(item)
+    }
     uint4 cg[R][NSTEP];
     uint4 cu[R][NSTEP];
     ST csg[R][NSTEP];
@@ -89,9 +137,10 @@ GATE_UP_ITEM_LOOP = r"""
     }
     const int cur = item;
     item += W;
-    if (item < ITEMS) {
+    if (DB && item < ITEMS) {
       FM_LOAD_ITEM(item)
     }
+    FM_HINT_AHEAD(item);
 """ + GATE_UP_ACC + r"""#pragma unroll
     for (int s = 0; s < NSTEP; ++s) {
 """ + X_STEP + r"""#pragma unroll
@@ -119,7 +168,8 @@ GATE_UP_ITEM_LOOP = r"""
 GATE_UP_PF = r"""
   // fm_gate_up_pf: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair].
   // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (rows per item and
-  // lane group), W (warps per threadgroup), G (threadgroups per token). The K*I rows of a
+  // lane group), W (warps per threadgroup), G (threadgroups per token), DB (1: double-buffered
+  // items), PF (L2 hints, see GATE_UP_L2_HINTS). The K*I rows of a
   // token are cut into items of R*SUB rows; threadgroup g of token n takes a contiguous run
   // of RUN items (G need not divide them: the last run may be shorter), its warps take every
   // W-th one. x' is staged once per threadgroup; each warp loads its next item while it
@@ -143,20 +193,24 @@ GATE_UP_PF = r"""
       (v) * fm_pos_scale<BITS>(((pr) % I) % EPL)
 """ + GATE_UP_ITEM_LOADS + r"""
   int item = fm_warp;  // this warp's next item, counted inside the threadgroup
-  if (item < ITEMS) {  // the first loads fly while x is staged
+  if (DB && item < ITEMS) {  // the first loads fly while x is staged
     FM_LOAD_ITEM(item)
   }
-""" + STAGE_X4 + r"""  FM_BARRIER();
+""" + GATE_UP_L2_HINTS + STAGE_X4 + r"""  FM_BARRIER();
 """ + GATE_UP_ITEM_LOOP + r"""#undef FM_ITEM_ROW
 #undef FM_WEIGHT_ROW
 #undef FM_STORE_H
+#undef FM_HINT_ROWS
+#undef FM_HINT_ITEM
+#undef FM_HINT_AHEAD
 """
 
 DOWN_PF = r"""
   // fm_down_pf: y[n] = sum_j scores[n,j] * (Wd_{inds[n,j]} h[n,j])  (+ combine if FM_COMBINE).
   // Template ints: BITS, GS, D (= expert dim, the input dim), O (= hidden, rows), K (warps:
   // warp j takes expert j), R (rows per iteration and lane group), RPT (rows per
-  // threadgroup). Each warp keeps its h' in registers for all RPT rows, loads its next rows
+  // threadgroup), PF (nonzero: each warp first hints its RPT rows into L2). Each warp keeps its
+  // h' in registers for all RPT rows, loads its next rows
   // while it computes the current ones, and leaves route * dot in threadgroup memory; the
   // K partial sums of a row are added after one barrier.
 """ + PROJ_CONSTANTS + r"""
@@ -184,6 +238,14 @@ DOWN_PF = r"""
     }                                                                      \
   }
 
+  if (PF != 0 && fm_lane < 3) {  // L2 hint: this warp's RPT rows (weights, scales, biases)
+    const int64_t wrow = wbase + row0;
+    if (fm_lane == 0) {
+      FM_PREFETCH_L2(wd + wrow * WPR, RPT * WPR * 4);
+    } else {
+      FM_PREFETCH_L2((fm_lane == 1 ? sd : bd) + wrow * GPR, RPT * GPR * sizeof(ST));
+    }
+  }
   FM_LOAD_ROWS(0)
   float xv[NSTEP][EPL];  // this warp's h', kept for every row
   float xsm[NSTEP];

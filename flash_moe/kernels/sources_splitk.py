@@ -64,6 +64,8 @@ EXPERT_MLP_SK = r"""
 #define FM_ITEM_ROW(item, r) (((item) * R + (r)) * SUB + sub)  // of this chunk's C rows
 #define FM_WEIGHT_ROW(pr) (e * I + i0 + (pr))
 #define FM_STORE_H(pr, v) hs[pr] = route * (v)
+#define FM_HINT_AHEAD(next)
+  constexpr int DB = 1;
 """ + GATE_UP_ITEM_LOADS + r"""
   uint4 nq[RD];
   ST ns[RD];
@@ -88,6 +90,7 @@ EXPERT_MLP_SK = r"""
 """ + GATE_UP_ITEM_LOOP + r"""#undef FM_ITEM_ROW
 #undef FM_WEIGHT_ROW
 #undef FM_STORE_H
+#undef FM_HINT_AHEAD
   FM_BARRIER();
 
 """ + H_SLICE + r"""  for (int it = 0; it < DIT; ++it) {

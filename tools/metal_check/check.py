@@ -90,6 +90,21 @@ def variants(target: str) -> List[Tuple[str, launch.Plan]]:
             out.append((f"v5_small_ring_D{D}_I{I}_b{bits}_{sdt}".replace("mlx.core.", ""), plan))
     finally:
         launch.TUNING["expert_mlp_ska"] = saved
+    # v2 with its L2 hints on (whole run / a distance ahead for gate/up, rows for down), with and
+    # without gate/up's double buffer
+    saved = dict(launch.TUNING["gate_up_pf"]), dict(launch.TUNING["down_pf"])
+    try:
+        for pf, db in ((16, 1), (2, 1), (16, 0), (4, 0)):
+            launch.TUNING["gate_up_pf"] = dict(saved[0], PF=pf, DB=db)
+            launch.TUNING["down_pf"] = dict(saved[1], PF=1)
+            for D, I, bits, sdt, N in ((4096, 1024, 4, bf16, 1), (4096, 1024, 2, f32, 2), (64, 64, 4, f32, 1)):
+                w = _experts(10, D, I, bits, 64, sdt)
+                plans = launch.plan_expert_mlp(target, A((N, D), bf16), w, A((N, 10), mx.int32),
+                                               A((N, 10), bf16), version=2)
+                out += [(f"v2_l2hints{pf}_db{db}_{p.spec.name}_D{D}_I{I}_b{bits}_N{N}_{sdt}".replace("mlx.core.", ""), p)
+                        for p in plans]
+    finally:
+        launch.TUNING["gate_up_pf"], launch.TUNING["down_pf"] = saved
     for shape, dts in (((1, 4096), (bf16,) * 4), ((3, 64), (f32, f32, bf16, f32)), ((2, 5, 4096), (f16,) * 4)):
         gate = A(shape[:-1] + (1,), dts[2])
         plan = launch.plan_moe_combine(target, A(shape, dts[0]), A(shape, dts[1]), gate, A(shape, dts[3]))

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -35,6 +35,7 @@ PRELUDE = r"""
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -138,6 +139,17 @@ inline void cp_wait(int n) {
     cp_groups.pop_front();
   }
 }
+// L2 hints, recorded (the test checks that each lies inside an input and what it covers).
+struct Hint {
+  const void* p;
+  unsigned long long bytes;
+};
+inline std::mutex hint_mutex;
+inline std::vector<Hint> hints;
+inline void prefetch_l2(const void* p, unsigned long long bytes) {
+  std::lock_guard<std::mutex> lock(hint_mutex);
+  hints.push_back(Hint{p, bytes});
+}
 inline float shfl_xor(float v, int m) {
   const int lane = tid & 31;
   shfl_buf[lane] = v;
@@ -164,6 +176,8 @@ inline float shfl_xor(float v, int m) {
 #define FM_CP_ASYNC4(dst, src) fmsim::cp_async((dst), (src))
 #define FM_CP_COMMIT() fmsim::cp_commit()
 #define FM_CP_WAIT(n) fmsim::cp_wait(n)
+#define FM_AND_OR(a, b, c) (((a) & (b)) | (c))
+#define FM_PREFETCH_L2(p, bytes) fmsim::prefetch_l2((const void*)(p), (unsigned long long)(bytes))
 """
 
 BODY_PRELUDE = r"""
@@ -174,7 +188,17 @@ BODY_PRELUDE = r"""
 """
 
 LAUNCHER = r"""
+extern "C" int fm_hints(unsigned long long* out, int max) {  // (address, bytes) pairs; the count
+  const int n = int(fmsim::hints.size());
+  for (int i = 0; i < n && i < max; ++i) {
+    out[2 * i] = (unsigned long long)fmsim::hints[i].p;
+    out[2 * i + 1] = fmsim::hints[i].bytes;
+  }
+  return n;
+}
+
 extern "C" int fm_launch(void** args, int n_groups, int group_size) {
+  fmsim::hints.clear();
   std::barrier<> tg_barrier(group_size);
   std::vector<std::barrier<>*> warp_barriers;
   std::vector<float> shfl(group_size);
@@ -252,6 +276,7 @@ def _library(src: str) -> ctypes.CDLL:
         tmp.rename(so)
     lib = ctypes.CDLL(str(so))
     lib.fm_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+    lib.fm_hints.argtypes = [ctypes.c_void_p, ctypes.c_int]
     _LIBS[key] = lib
     return lib
 
@@ -262,8 +287,12 @@ def _to_numpy(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(a))
 
 
-def simulate(plan: Plan) -> List[mx.array]:
-    """Run ``plan`` on the CPU simulator; inputs must be MLX arrays."""
+def simulate(plan: Plan, hints: Optional[List[Tuple[str, int, int]]] = None) -> List[mx.array]:
+    """Run ``plan`` on the CPU simulator; inputs must be MLX arrays.
+
+    Every L2 hint (``FM_PREFETCH_L2``) the kernel gave must lie inside one input, else
+    ``AssertionError``; ``hints``, when given, receives them as (input name, first byte, end).
+    """
     lib = _library(translation_unit(plan))
     ins = [_to_numpy(a) for a in plan.inputs]
     outs = []
@@ -272,11 +301,32 @@ def simulate(plan: Plan) -> List[mx.array]:
         outs.append(np.full(shape, fill, dtype=_NP_STORAGE[dt]))
     ptrs = (ctypes.c_void_p * (len(ins) + len(outs)))(*[a.ctypes.data for a in ins + outs])
     lib.fm_launch(ptrs, plan.n_groups, plan.group_size)
+    found = _hints(lib, plan.spec.inputs, ins)
+    if hints is not None:
+        hints.extend(found)
     result = []
     for arr, dt in zip(outs, plan.out_dtypes):
         m = mx.array(arr)
         result.append(m.view(mx.bfloat16) if dt == mx.bfloat16 else m)
     return result
+
+
+def _hints(lib: ctypes.CDLL, names, arrays: List[np.ndarray]) -> List[Tuple[str, int, int]]:
+    """The last launch's L2 hints as (input name, first byte, end byte) inside that input."""
+    n = lib.fm_hints(None, 0)
+    raw = (ctypes.c_ulonglong * (2 * n))()
+    lib.fm_hints(raw, n)
+    found = []
+    for i in range(n):
+        p, size = raw[2 * i], raw[2 * i + 1]
+        for name, a in zip(names, arrays):
+            start = p - a.ctypes.data
+            if 0 <= start and start + size <= a.nbytes:
+                found.append((name, start, start + size))
+                break
+        else:
+            raise AssertionError(f"L2 hint of {size} bytes at {p:#x} lies outside every input of the kernel")
+    return found
 
 
 def kernel(target: str, spec: codegen.KernelSpec, shared_memory: int = 0):

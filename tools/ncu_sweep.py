@@ -1,0 +1,99 @@
+"""Launch-shape sweep of the v2 expert kernels by GPU time, as a table (needs Nsight Compute).
+
+    python3 tools/ncu_sweep.py [--bits 4] --gate-up R,W,tgs[,DB[,PF]] ... --down R,tgs[,PF] ...
+
+Runs ``tools/profile_expert_mlp.py --sweep`` under ``ncu`` (boost clocks, L2 flushed before
+every kernel, as a decode step meets its weights) and prints, per launch shape, the median GPU
+time of each kernel, its DRAM bytes and throughput, registers a thread and achieved occupancy.
+The first row is the library's default shape (``launch.TUNING``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "launch__registers_per_thread",
+           "sm__warps_active.avg.pct_of_peak_sustained_active")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--gate-up", nargs="+", required=True)
+    p.add_argument("--down", nargs="+", required=True)
+    p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
+    p.add_argument("--best-json", type=Path, help="write the fastest gate/up and down shapes here, as JSON "
+                   "for FLASH_MOE_TUNING")
+    a = p.parse_args()
+    if len(a.gate_up) != len(a.down):
+        sys.exit("--gate-up and --down need as many shapes each")
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "ncu.csv"
+        cmd = [a.ncu, "--clock-control", "none", "--csv", "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(METRICS),
+               "-k", "regex:gate_up_pf|down_pf", sys.executable, str(ROOT / "tools" / "profile_expert_mlp.py"),
+               "--bits", str(a.bits), "--k", str(a.k), "--calls", str(a.calls), "--sweep",
+               "--gate-up", *a.gate_up, "--down", *a.down]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        shapes = [line[4:] for line in run.stdout.splitlines() if line.startswith("ran ")]
+        if run.returncode or not log.exists():
+            sys.exit(f"ncu failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        text = log.read_text()
+        rows = list(csv.DictReader(io.StringIO(text[text.find('"ID"'):])))
+    best = report(rows, shapes, a.calls, a.bits, a.k)
+    if a.best_json:
+        a.best_json.write_text(json.dumps(best))
+        print("fastest:", json.dumps(best))
+
+
+def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
+    """Print the table; return the fastest shape of each kernel ({TUNING key: shape})."""
+    kernels = {}  # (launch id, kernel) -> {metric: value}
+    for r in rows:
+        if "ID" not in r or r.get("Metric Name") not in METRICS:
+            continue
+        kind = "gate_up" if "gate_up" in r["Kernel Name"] else "down"
+        kernels.setdefault((int(r["ID"]), kind), {})[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
+    per_kind = {"gate_up": [], "down": []}
+    for (_, kind), m in sorted(kernels.items()):
+        per_kind[kind].append(m)
+    print(f"{bits}-bit k={k}, {calls} calls a shape, median; L2 flushed before each kernel, boost clocks")
+    print(f"{'gate_up / down shape':60s} {'gate_up us':>10s} {'down us':>8s} {'sum us':>7s} {'GB/s':>6s} "
+          f"{'regs':>9s} {'occupancy %':>12s}")
+    best = {}
+    for i, shape in enumerate(shapes):
+        med = {}
+        for kind in ("gate_up", "down"):
+            ms = per_kind[kind][i * calls:(i + 1) * calls]
+            med[kind] = {k: statistics.median(m[k] for m in ms) for k in METRICS} if ms else None
+        if not med["gate_up"] or not med["down"]:
+            print(f"{shape:60s} (no profile)")
+            continue
+        us = {k: med[k]["gpu__time_duration.sum"] / 1e3 for k in med}
+        for kind, part in zip(("gate_up", "down"), ast.literal_eval("[" + shape.replace("} {", "}, {") + "]")):
+            if kind not in best or us[kind] < best[kind][0]:
+                best[kind] = (us[kind], part)
+        total_bytes = med["gate_up"]["dram__bytes_read.sum"] + med["down"]["dram__bytes_read.sum"]
+        print(f"{shape:60s} {us['gate_up']:10.1f} {us['down']:8.1f} {us['gate_up'] + us['down']:7.1f} "
+              f"{total_bytes / (us['gate_up'] + us['down']) / 1e3:6.0f} "
+              f"{med['gate_up']['launch__registers_per_thread']:4.0f}/{med['down']['launch__registers_per_thread']:<4.0f} "
+              f"{med['gate_up']['sm__warps_active.avg.pct_of_peak_sustained_active']:5.1f}/"
+              f"{med['down']['sm__warps_active.avg.pct_of_peak_sustained_active']:<5.1f}")
+    return {f"{kind}_pf": shape for kind, (_, shape) in best.items()}
+
+
+if __name__ == "__main__":
+    main()
