@@ -7,19 +7,23 @@ the Metal types, address spaces and built-ins the kernels use.
 
 CUDA: the same variants wrapped the way ``mx.fast.cuda_kernel`` wraps them, compiled by
 nvcc for sm_90 against a stub of MLX's device header (``cuda_stub/``); ``--ptxas`` prints
-registers, spills and shared memory per kernel.
+registers, spills and shared memory per kernel; ``--sass`` the static count of machine
+instructions per kernel (its ``.text`` section over 16 bytes an sm_90 instruction), a local
+proxy for the instructions a launch issues: the kernels' loops run once per item and are not
+unrolled across items, so a change of the per-item body shows up one to one.
 
 The variants are the launch plans the library makes (``flash_moe.kernels.launch.plan_*``)
 for the real Qwen3.5-397B shapes and the tiny test model's, over bits, dtypes, token and
 expert counts, and small inputs that Metal passes in the ``constant`` address space.
 
-Usage: python tools/metal_check/check.py [--metal] [--cuda] [--ptxas] [--dump DIR]
+Usage: python tools/metal_check/check.py [--metal] [--cuda] [--ptxas] [--sass [FILTER]] [--dump DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import struct
 import shutil
 import subprocess
 import sys
@@ -148,6 +152,40 @@ def _compile(cmd: List[str], src: str, suffix: str) -> Tuple[int, str]:
         return proc.returncode, proc.stdout + proc.stderr
 
 
+def sass_instructions(cubin: bytes) -> Dict[str, int]:
+    """Kernel (mangled name) -> static machine instructions, from an sm_90 cubin's ELF sections."""
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names = sections[shstrndx][4]  # file offset of the section-name table
+    out = {}
+    for sec in sections:
+        name = cubin[names + sec[0]:cubin.index(b"\0", names + sec[0])].decode()
+        if name.startswith(".text."):
+            out[name[len(".text."):]] = sec[5] // 16  # sh_size; 16 bytes an instruction
+    return out
+
+
+def count_sass(label_filter: str = "", nvcc: Optional[str] = None) -> Dict[str, int]:
+    """label -> static machine instructions of every CUDA variant whose label contains the filter."""
+    nvcc = nvcc or shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc is not on PATH")
+    units = {k: v for k, v in translation_units("cuda").items() if label_filter in k}
+
+    def one(src: str) -> int:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "unit.cu").write_text(src)
+            proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", "unit.cubin",
+                                   "-I", str(HERE / "cuda_stub"), "unit.cu"], capture_output=True, text=True, cwd=tmp)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-2000:])
+            return sum(sass_instructions((Path(tmp) / "unit.cubin").read_bytes()).values())
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(zip(units, pool.map(one, units.values())))
+
+
 def find_clang() -> Optional[str]:
     for name in ("clang++", "clang"):
         if shutil.which(name):
@@ -200,8 +238,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--metal", action="store_true", help="check Metal with clang")
     ap.add_argument("--cuda", action="store_true", help="check CUDA with nvcc")
     ap.add_argument("--ptxas", action="store_true", help="print registers/spills of each CUDA kernel")
+    ap.add_argument("--sass", nargs="?", const="", default=None, metavar="FILTER",
+                    help="print static machine instructions of the CUDA variants whose label contains FILTER")
     ap.add_argument("--dump", type=Path, help="write every generated translation unit here")
     args = ap.parse_args(argv)
+    if args.sass is not None:
+        for label, n in count_sass(args.sass).items():
+            print(f"{n:6d}  {label}")
+        return 0
     if not (args.metal or args.cuda):
         args.metal = args.cuda = True
     if args.dump:
