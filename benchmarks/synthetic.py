@@ -46,7 +46,9 @@ def text_config(shape: Shape) -> Dict[str, Any]:
                        num_experts_per_tok=shape.top_k, num_hidden_layers=shape.layers,
                        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
-                       linear_value_head_dim=64, vocab_size=512)
+                       linear_value_head_dim=64, vocab_size=512,
+                       # mlx-lm's model needs a full-attention layer: one in models under 4 layers too
+                       full_attention_interval=min(4, shape.layers))
 
 
 def qwen3_moe_config(shape: Shape) -> Dict[str, Any]:

@@ -59,3 +59,13 @@ def test_table_marks_verdicts():
     t.add("cold", "ratio", "1.3x", "3", "<= 1.15x", False)
     text = t.render()
     assert "MET" in text.splitlines()[2] and "MISSED" in text.splitlines()[3]
+
+
+def test_synthetic_models_under_four_layers_have_a_full_attention_layer():
+    """mlx-lm's Qwen3.5 model (the resident reference) needs one; 2- and 3-layer benchmark models
+    used to fail deep inside it."""
+    from benchmarks.synthetic import Shape, text_config
+
+    for layers, wanted in ((2, [1]), (3, [2]), (6, [3]), (8, [3, 7])):
+        types = text_config(Shape(layers=layers))["layer_types"]
+        assert [i for i, t in enumerate(types) if t == "full_attention"] == wanted
