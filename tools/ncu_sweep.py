@@ -11,7 +11,6 @@ The first row is the library's default shape (``launch.TUNING``).
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import io
 import json
@@ -48,7 +47,7 @@ def main() -> None:
                "--bits", str(a.bits), "--k", str(a.k), "--calls", str(a.calls), "--sweep",
                "--gate-up", *a.gate_up, "--down", *a.down]
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        shapes = [line[4:] for line in run.stdout.splitlines() if line.startswith("ran ")]
+        shapes = [json.loads(line[4:]) for line in run.stdout.splitlines() if line.startswith("ran ")]
         if run.returncode or not log.exists():
             sys.exit(f"ncu failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
         text = log.read_text()
@@ -60,7 +59,8 @@ def main() -> None:
 
 
 def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
-    """Print the table; return the fastest shape of each kernel ({TUNING key: shape})."""
+    """Print the table (``shapes``: a [gate_up, down] pair of launch shapes per row); return the
+    fastest shape of each kernel ({TUNING key: shape})."""
     kernels = {}  # (launch id, kernel) -> {metric: value}
     for r in rows:
         if "ID" not in r or r.get("Metric Name") not in METRICS:
@@ -74,7 +74,8 @@ def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
     print(f"{'gate_up / down shape':60s} {'gate_up us':>10s} {'down us':>8s} {'sum us':>7s} {'GB/s':>6s} "
           f"{'regs':>9s} {'occupancy %':>12s}")
     best = {}
-    for i, shape in enumerate(shapes):
+    for i, pair in enumerate(shapes):
+        shape = " ".join(json.dumps(s) for s in pair)
         med = {}
         for kind in ("gate_up", "down"):
             ms = per_kind[kind][i * calls:(i + 1) * calls]
@@ -83,7 +84,7 @@ def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
             print(f"{shape:60s} (no profile)")
             continue
         us = {k: med[k]["gpu__time_duration.sum"] / 1e3 for k in med}
-        for kind, part in zip(("gate_up", "down"), ast.literal_eval("[" + shape.replace("} {", "}, {") + "]")):
+        for kind, part in zip(("gate_up", "down"), pair):
             if kind not in best or us[kind] < best[kind][0]:
                 best[kind] = (us[kind], part)
         total_bytes = med["gate_up"]["dram__bytes_read.sum"] + med["down"]["dram__bytes_read.sum"]

@@ -13,6 +13,7 @@ the profile).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def main() -> None:
         for i in range(a.calls):
             mx.eval(K.expert_mlp(x, sets[i % a.sets], inds, scores, out_dtype=mx.float32))
             mx.synchronize()
-        print("ran", gate_up, down, flush=True)
+        print("ran", json.dumps([gate_up, down]), flush=True)
 
 
 # Launch shapes of the sweep, in pairs (gate/up R, W, threadgroups; down R, threadgroups).

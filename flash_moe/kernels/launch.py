@@ -375,7 +375,8 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     Rd = _rows_per_warp(D, sub_i, td["R"])
     if R is None or Rd is None:
         return None
-    if not (0 <= tg.get("PF", 0) <= 16 and tg.get("DB", 1) in (0, 1) and td.get("PF", 0) >= 0):
+    db, pf, pf_down = tg.get("DB", 1), tg.get("PF", 0), td.get("PF", 0)  # (shapes set by hand may omit them)
+    if not (0 <= pf <= 16 and db in (0, 1) and pf_down >= 0):
         raise ValueError(f"v2 launch shapes out of range (PF 0-16, DB 0 or 1): gate_up_pf {tg}, down_pf {td}")
     items = K * I // (R * sub_d)
     # G need not divide the items (a grid that fills the GPU in one wave can beat a divisor);
@@ -389,7 +390,7 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     gate_up = Plan(
         codegen.GATE_UP_PF,
         _gate_up_inputs(x, w, inds),
-        dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=tg.get("DB", 1), PF=tg.get("PF", 0), XT=x.dtype,
+        dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=db, PF=pf, XT=x.dtype,
              ST=w.gate.scales.dtype),
         N * G, W * 32, [(N * K, I)], [mx.float32],
     )
@@ -404,7 +405,7 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     down = Plan(
         codegen.DOWN_PF,
         _down_inputs(w, N * K, I, inds, scores),
-        dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, RPT=rpt, PF=td.get("PF", 0), ST=w.down.scales.dtype,
+        dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, RPT=rpt, PF=pf_down, ST=w.down.scales.dtype,
              RT=scores.dtype, OutT=out_dtype),
         N * (D // rpt), K * 32, [(N, D)], [out_dtype],
     )

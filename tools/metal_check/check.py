@@ -166,18 +166,23 @@ def sass_instructions(cubin: bytes) -> Dict[str, int]:
     return out
 
 
-def count_sass(label_filter: str = "", nvcc: Optional[str] = None) -> Dict[str, int]:
-    """label -> static machine instructions of every CUDA variant whose label contains the filter."""
+def _nvcc_cubin(nvcc: Optional[str], out: str) -> List[str]:
+    """The nvcc command that builds a unit into an sm_90 cubin ``out`` (the unit's path follows)."""
     nvcc = nvcc or shutil.which("nvcc")
     if nvcc is None:
         raise FileNotFoundError("nvcc is not on PATH")
+    return [nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", out, "-I", str(HERE / "cuda_stub")]
+
+
+def count_sass(label_filter: str = "", nvcc: Optional[str] = None) -> Dict[str, int]:
+    """label -> static machine instructions of every CUDA variant whose label contains the filter."""
+    cmd = _nvcc_cubin(nvcc, "unit.cubin")
     units = {k: v for k, v in translation_units("cuda").items() if label_filter in k}
 
     def one(src: str) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "unit.cu").write_text(src)
-            proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", "unit.cubin",
-                                   "-I", str(HERE / "cuda_stub"), "unit.cu"], capture_output=True, text=True, cwd=tmp)
+            proc = subprocess.run(cmd + ["unit.cu"], capture_output=True, text=True, cwd=tmp)
             if proc.returncode:
                 raise RuntimeError(proc.stderr[-2000:])
             return sum(sass_instructions((Path(tmp) / "unit.cubin").read_bytes()).values())
@@ -208,11 +213,7 @@ def check_metal(clang: Optional[str] = None) -> Dict[str, Tuple[int, str]]:
 
 def check_cuda(nvcc: Optional[str] = None, ptxas_info: bool = False) -> Dict[str, Tuple[int, str]]:
     """label -> (return code, compiler output) for every CUDA variant (sm_90 cubin)."""
-    nvcc = nvcc or shutil.which("nvcc")
-    if nvcc is None:
-        raise FileNotFoundError("nvcc is not on PATH")
-    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", "/dev/null",
-           "-I", str(HERE / "cuda_stub")]
+    cmd = _nvcc_cubin(nvcc, "/dev/null")
     if ptxas_info:
         cmd += ["-Xptxas", "-v"]
     units = translation_units("cuda")
