@@ -185,6 +185,10 @@ CONFIGS = {
                            dict(C=64, W=4, R=1, RD=4), dict(C=64, W=2, R=1, RD=2), dict(C=128, W=4, R=1, RD=2),
                            dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),
                            dict(C=32, W=8, R=1, RD=1)]),),
+    # v6: gate/up on the matrix units (S warps per 16-row item, WR items at once, PD blocks in flight)
+    6: (("gate_up_mma", [dict(S=16, WR=1, PD=2, tgs=0), dict(S=8, WR=2, PD=2, tgs=0), dict(S=8, WR=2, PD=2, tgs=0, PF=1),
+                         dict(S=4, WR=4, PD=2, tgs=0, PF=1), dict(S=16, WR=1, PD=1, tgs=0, PF=1)]),
+        ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512)])),
     5: (("expert_mlp_ska", [dict(C=64, W=4, R=1, RD=4, P=4), dict(C=64, W=4, R=1, RD=4, P=3),
                             dict(C=64, W=4, R=1, RD=2, P=4), dict(C=64, W=4, R=1, RD=4, P=6),
                             dict(C=64, W=2, R=1, RD=4, P=6), dict(C=64, W=8, R=1, RD=4, P=3),
@@ -203,7 +207,8 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
     scores = mx.softmax(mx.random.normal((1, k)), axis=-1).astype(mx.bfloat16)
     target = K.active_backend()
     nbytes = k * expert_bytes(bits)
-    wanted = {2: codegen.GATE_UP_PF, 4: codegen.EXPERT_MLP_SK, 5: codegen.EXPERT_MLP_SKA}.get(version)
+    wanted = {2: codegen.GATE_UP_PF, 4: codegen.EXPERT_MLP_SK, 5: codegen.EXPERT_MLP_SKA,
+              6: codegen.GATE_UP_MMA}.get(version)
     best = {}
     for key, configs in CONFIGS[version]:
         for cfg in configs:
@@ -214,7 +219,7 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
             t = timeit(chained(lambda xi, i: launch.expert_mlp(target, xi, ws[i % sets], inds, scores,
                                                                version=version), x))
             shape = " ".join(f"{n}{v}" for p in plans for n, v in p.template.items()
-                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF"))
+                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF", "S", "PD"))
             row(key, f"b{bits} k{k} {shape} chained", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:
                 best[key] = (t, dict(cfg))
@@ -286,7 +291,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--dry-run", action="store_true", help="check the script on the CPU (simulated kernels)")
     ap.add_argument("--no-autotune", action="store_true", help="time the launch shapes in launch.TUNING as they are")
-    ap.add_argument("--versions", default="1,2,4,5", help="projection kernel versions to time (default 1,2,4,5)")
+    ap.add_argument("--versions", default="1,2,4,5,6", help="projection kernel versions to time (default 1,2,4,5,6)")
     ap.add_argument("--bits", default="4,2", help="weight bits of the projection cases (default 4,2)")
     args = ap.parse_args()
     if args.dry_run:

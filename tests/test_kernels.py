@@ -480,6 +480,84 @@ def test_simulated_staged_split_k_matches_reference(bits, gs, H, I, N, K, xdt, s
     assert rel(y, np_expert_mlp(x, w, inds, scores)) < (1e-5 if xdt == mx.float32 else 1e-2)
 
 
+@needs_cxx
+@pytest.mark.parametrize("layout", ["cuda", "metal"])
+@pytest.mark.parametrize("bits, gs, H, I, N, K, xdt, sdt, cs", [
+    (4, 64, 256, 64, 1, 2, mx.bfloat16, mx.bfloat16, 2),   # the decode case: 1 piece, 2 groups
+    (4, 64, 256, 64, 2, 3, mx.float32, mx.bfloat16, 2),    # 3 pieces x 2 groups: 6 columns, CS 1
+    (2, 64, 512, 64, 1, 3, mx.bfloat16, mx.float32, 2),    # 2-bit: 3 fields per view, 4 groups
+    (2, 128, 512, 128, 2, 2, mx.float16, mx.bfloat16, 1),  # 2 pieces x 2 groups, CS 1
+    (4, 128, 1024, 128, 1, 3, mx.float16, mx.float32, 2),  # one group per block
+    (4, 32, 256, 64, 1, 3, mx.bfloat16, mx.float16, 2),    # a group per chunk
+])
+def test_simulated_matrix_unit_gate_up_matches_reference(layout, bits, gs, H, I, N, K, xdt, sdt, cs, monkeypatch):
+    """v6 under both targets' matrix-unit lane layouts (CUDA's mma.sync, Metal's 8x8 simdgroup
+    matrices): warps that loop over rounds, carry their block ring into the next item and add
+    the rows of several rounds after one barrier. Its h,
+    through v2's down into a float32 sum, matches float64 to 1e-5 for every x dtype (x is split
+    into exact bfloat16 pieces)."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", {"S": 2, "WR": 2, "PD": 2, "tgs": N, "CS": cs, "RBM": 3})
+    U = 5
+    w = make_experts(U, H, I, bits, gs, sdt, seed=bits + gs)
+    x = mx.random.normal((N, H)).astype(xdt)
+    inds = mx.array(np.random.default_rng(H + I).integers(0, U, (N, K)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
+    gate_up, down = launch.plan_expert_mlp(layout, x, w, inds, scores, version=6, out_dtype=mx.float32)
+    t = gate_up.template
+    assert gate_up.spec.name == "gate_up_mma" and t["P"] == launch.MMA_PIECES[xdt]
+    assert t["CS"] == (2 if t["P"] * (512 // bits) // gs <= 4 and cs == 2 else 1)
+    assert -(-K * I // 16 // t["G"]) > 3 * t["W"] // t["S"]  # rounds in batches of 3 and a shorter one
+    assert H // (512 // bits) // t["S"] >= 2 * t["PD"] or t["PD"] == H // (512 // bits) // t["S"]
+    (h,) = simt.simulate(gate_up, layout=layout)
+    assert not bool(mx.isnan(h).any()), "gate_up left elements unwritten"
+    down.inputs[0] = h
+    (y,) = simt.simulate(down)
+    assert rel(y, np_expert_mlp(x, w, inds, scores)) < 1e-5
+
+
+@needs_cxx
+@pytest.mark.parametrize("pf", [16, 1, 3])
+def test_simulated_matrix_unit_l2_hints(pf, monkeypatch):
+    """v6's L2 hints stay inside the inputs (the simulator checks each), change no result, and
+    cover the weight rows of every item of the run (PF 16) or of every item after each warp's
+    first (PF 1-15, at any distance)."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", {"S": 2, "WR": 2, "PD": 2, "tgs": 1, "CS": 2, "RBM": 2, "PF": pf})
+    U, H, I, K = 6, 256, 64, 3
+    w = make_experts(U, H, I, 4, 64, mx.bfloat16, seed=9)
+    x = mx.random.normal((1, H)).astype(mx.bfloat16)
+    inds = mx.array(np.array([[4, 1, 5]], dtype=np.int32))
+    scores = mx.softmax(mx.random.normal((1, K)), axis=-1)
+    gate_up, down = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=6, out_dtype=mx.float32)
+    assert gate_up.template["PF"] == pf
+    hints = []
+    (h,) = simt.simulate(gate_up, hints)
+    down.inputs[0] = h
+    (y,) = simt.simulate(down)
+    assert rel(y, np_expert_mlp(x, w, inds, scores)) < 1e-5
+    row_bytes = w.gate.weight.nbytes // (U * I)
+    items = K * I // 16
+    wr = gate_up.template["W"] // gate_up.template["S"]
+    hinted_items = range(items) if pf == 16 else range(wr, items)  # every warp's later items
+    want = _merged([((int(inds[0, it * 16 // I]) * I + (it * 16) % I) * row_bytes,
+                     (int(inds[0, it * 16 // I]) * I + (it * 16) % I + 16) * row_bytes) for it in hinted_items])
+    assert _merged([(a, b) for n_, a, b in hints if n_ == "wg"]) == want
+
+
+def test_matrix_unit_kernel_falls_back_where_it_does_not_apply():
+    """8-bit weights, or a float32 x whose pieces need more than 8 columns: v2."""
+    x32, x16 = mx.zeros((1, 512), mx.float32), mx.zeros((1, 512), mx.bfloat16)
+    inds, scores = mx.array([[0, 1]], dtype=mx.int32), mx.ones((1, 2))
+    cases = [(make_experts(3, 512, 64, 8, 64), x16), (make_experts(3, 512, 64, 2, 64), x32)]
+    for w, x in cases:
+        plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=6)
+        assert plans is not None and plans[0].spec.name == "gate_up_pf"
+    w = make_experts(3, 512, 64, 4, 64)
+    assert launch.plan_expert_mlp("cuda", x16, w, inds, scores, version=6)[0].spec.name == "gate_up_mma"
+    # the B slots the planner sizes threadgroup memory with are the kernel's
+    assert [launch.mma_b_slots(t, 2, 1) for t in ("cuda", "metal")] == [8, 8]
+    assert [launch.mma_b_slots(t, 2, 2) for t in ("cuda", "metal")] == [8, 16]
+
+
 def test_two_launch_kernels_write_the_asked_dtype():
     """The MoE layer asks for the routed sum in float32: v1's and v2's down kernel writes it
     directly (no cast launch after it); the default for every token count is v2."""

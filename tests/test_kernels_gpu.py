@@ -61,10 +61,11 @@ def test_kernels_are_the_active_path():
     assert K.active_backend() in ("metal", "cuda")
 
 
-@pytest.fixture(params=[1, 2, 4, 5], ids=["v1", "v2", "v4", "v5"])
+@pytest.fixture(params=[1, 2, 4, 5, 6], ids=["v1", "v2", "v4", "v5", "v6"])
 def projection_version(request, monkeypatch):
     """Every projection kernel version (v1 the fallback, v2 prefetching, v4 split-K, v5 split-K
-    with asynchronously staged weights; at these shapes each runs its own kernel)."""
+    with asynchronously staged weights, v6 gate/up on the matrix units; at these shapes each runs
+    its own kernel, except v6 with a float32 x at 4 bits, whose staged x does not fit: v2)."""
     monkeypatch.setattr(launch, "PROJECTION_VERSION", request.param)
     return request.param
 
@@ -113,6 +114,28 @@ def test_expert_mlp_v2_launch_variants(gate_up, down, bits, N, dims, monkeypatch
     ref = reference.expert_mlp(x, upcast(w), inds, scores)
     assert not mx.isnan(y).any().item()
     assert rel(y, ref) < 1e-4
+
+
+@pytest.mark.parametrize("mma", [dict(S=8, WR=1, PD=4, tgs=0), dict(S=4, WR=2, PD=2, tgs=0),
+                                 dict(S=2, WR=4, PD=4, tgs=48), dict(S=8, WR=1, PD=1, tgs=0, CS=1)],
+                         ids=["default", "S4-WR2", "S2-WR4-few-groups", "CS1"])
+@pytest.mark.parametrize("bits, N, xdt", [(4, 1, mx.bfloat16), (2, 1, mx.bfloat16), (4, 3, mx.float16),
+                                          (2, 2, mx.bfloat16)])
+def test_expert_mlp_matrix_units(mma, bits, N, xdt, monkeypatch):
+    """v6 (mma.sync on CUDA) at its launch shapes: the float32 sum matches the float32 reference
+    on the same x values to 1e-5 (x's pieces are exact; the products are exact in float32)."""
+    monkeypatch.setattr(launch, "PROJECTION_VERSION", 6)
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", mma)
+    k, U = 10, 24
+    w = experts(U, bits, seed=bits * 7 + N)
+    x = mx.random.normal((N, H)).astype(xdt)
+    inds, scores = routing(N, k, U, seed=N + bits)
+    plans = launch.plan_expert_mlp(K.active_backend(), x, w, inds, scores)
+    assert plans[0].spec.name == "gate_up_mma" and plans[0].template["PD"] == min(mma["PD"], H // (512 // bits) // mma["S"])
+    y = K.expert_mlp(x, w, inds, scores, out_dtype=mx.float32)
+    ref = reference.expert_mlp(x.astype(mx.float32), upcast(w), inds, scores)
+    assert not mx.isnan(y).any().item()
+    assert rel(y, ref) < 1e-5
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -1,6 +1,6 @@
 """Launch-shape sweep of the v2 expert kernels by GPU time, as a table (needs Nsight Compute).
 
-    python3 tools/ncu_sweep.py [--bits 4] --gate-up R,W,tgs[,DB[,PF]] ... --down R,tgs[,PF] ...
+    python3 tools/ncu_sweep.py [--bits 4] --gate-up R,W,tgs[,DB[,PF]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF]]] ...]
 
 Runs ``tools/profile_expert_mlp.py --sweep`` under ``ncu`` (boost clocks, L2 flushed before
 every kernel, as a decode step meets its weights) and prints, per launch shape, the median GPU
@@ -32,8 +32,9 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--calls", type=int, default=5)
-    p.add_argument("--gate-up", nargs="+", required=True)
-    p.add_argument("--down", nargs="+", required=True)
+    p.add_argument("--gate-up", nargs="*", default=[])
+    p.add_argument("--down", nargs="*", default=[])
+    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF]]]")
     p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     p.add_argument("--best-json", type=Path, help="write the fastest gate/up and down shapes here, as JSON "
                    "for FLASH_MOE_TUNING")
@@ -43,9 +44,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "ncu.csv"
         cmd = [a.ncu, "--clock-control", "none", "--csv", "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(METRICS),
-               "-k", "regex:gate_up_pf|down_pf", sys.executable, str(ROOT / "tools" / "profile_expert_mlp.py"),
+               "-k", "regex:gate_up_pf|gate_up_mma|down_pf", sys.executable, str(ROOT / "tools" / "profile_expert_mlp.py"),
                "--bits", str(a.bits), "--k", str(a.k), "--calls", str(a.calls), "--sweep",
-               "--gate-up", *a.gate_up, "--down", *a.down]
+               "--gate-up", *a.gate_up, "--down", *a.down, "--mma", *a.mma]
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         shapes = [json.loads(line[4:]) for line in run.stdout.splitlines() if line.startswith("ran ")]
         if run.returncode or not log.exists():
@@ -93,7 +94,7 @@ def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
               f"{med['gate_up']['launch__registers_per_thread']:4.0f}/{med['down']['launch__registers_per_thread']:<4.0f} "
               f"{med['gate_up']['sm__warps_active.avg.pct_of_peak_sustained_active']:5.1f}/"
               f"{med['down']['sm__warps_active.avg.pct_of_peak_sustained_active']:<5.1f}")
-    return {f"{kind}_pf": shape for kind, (_, shape) in best.items()}
+    return {("gate_up_mma" if "S" in shape else f"{kind}_pf"): shape for kind, (_, shape) in best.items()}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 Each call is evaluated alone (one graph per call), on a different copy of the records so that
 no call finds its weights in L2; the profiler sees the kernels as a decode step runs them.
 ``--sweep`` runs the v2 kernels at several launch shapes (their template values name them in
-the profile).
+the profile); ``--mma`` adds v6 gate/up shapes (matrix units).
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ def main() -> None:
     p.add_argument("--gate-up", nargs="*", default=None,
                    help="R,W,threadgroups[,DB[,PF]] for the sweep (DB: double buffer, PF: L2 hints)")
     p.add_argument("--down", nargs="*", default=None, help="R,threadgroups[,PF] (as many as --gate-up)")
+    p.add_argument("--mma", nargs="*", default=None,
+                   help="S,WR,PD,threadgroups[,CS[,RBM[,PF]]]: v6 gate/up shapes to run too (with the default down)")
     a = p.parse_args()
-    gate_up_shapes = [tuple(map(int, t.split(","))) for t in a.gate_up] if a.gate_up else GATE_UP
-    down_shapes = [tuple(map(int, t.split(","))) for t in a.down] if a.down else DOWN
+    gate_up_shapes = [tuple(map(int, t.split(","))) for t in a.gate_up] if a.gate_up is not None else GATE_UP
+    down_shapes = [tuple(map(int, t.split(","))) for t in a.down] if a.down is not None else DOWN
     sets = [make_experts(a.experts, a.bits, seed) for seed in range(a.sets)]
     x = (mx.random.normal((1, H)) * 0.5).astype(mx.bfloat16)
     inds = mx.random.permutation(a.experts)[: a.k][None].astype(mx.int32)
@@ -49,8 +51,13 @@ def main() -> None:
     if a.sweep:
         shapes += [(dict(zip(("R", "W", "tgs", "DB", "PF"), g)), dict(zip(("R", "tgs", "PF"), d)))
                    for g, d in zip(gate_up_shapes, down_shapes)]
+    default_down = dict(launch.TUNING["down_pf"])
+    for m in a.mma or []:
+        shapes.append((dict(zip(("S", "WR", "PD", "tgs", "CS", "RBM", "PF"), map(int, m.split(",")))), default_down))
     for gate_up, down in shapes:
-        launch.TUNING["gate_up_pf"], launch.TUNING["down_pf"] = gate_up, down
+        mma = "S" in gate_up  # a v6 shape
+        launch.PROJECTION_VERSION = 6 if mma else 2
+        launch.TUNING["gate_up_mma" if mma else "gate_up_pf"], launch.TUNING["down_pf"] = gate_up, down
         for i in range(a.calls):
             mx.eval(K.expert_mlp(x, sets[i % a.sets], inds, scores, out_dtype=mx.float32))
             mx.synchronize()

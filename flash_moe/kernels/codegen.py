@@ -23,9 +23,30 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from . import sources, sources_prefetch, sources_splitk
+from . import sources, sources_mma, sources_prefetch, sources_splitk
 
 TARGETS = ("metal", "cuda")
+
+# Which lane holds which element of the matrix-unit fragments (v6), per target (also what the
+# CPU simulator builds the kernels with, and what launch.mma_x_map mirrors).
+MMA_LAYOUTS = {
+    "metal": r"""
+#define FM_MMA_FR(l) ((((l) / 4) & 4) + (((l) / 2) % 4))
+#define FM_MMA_FC(l) ((((l) / 4) & 2) * 2 + ((l) % 2) * 2)
+#define FM_MMA_BK(l, v) (FM_MMA_FR(l) + 8 * ((v) >> 1))
+#define FM_MMA_BN(l, v) (FM_MMA_FC(l) + ((v) & 1))
+#define FM_MMA_XOR0 1
+#define FM_MMA_XOR1 8
+""",
+    "cuda": r"""
+#define FM_MMA_FR(l) ((l) >> 2)
+#define FM_MMA_FC(l) (((l) & 3) * 2)
+#define FM_MMA_BK(l, v) (FM_MMA_FC(l) + ((v) & 1) + 8 * ((v) >> 1))
+#define FM_MMA_BN(l, v) FM_MMA_FR(l)
+#define FM_MMA_XOR0 1
+#define FM_MMA_XOR1 2
+""",
+}
 
 METAL_MACROS = r"""
 // ---- flash-moe target prelude: Metal ----
@@ -50,6 +71,43 @@ METAL_MACROS = r"""
 #define FM_AND_OR(a, b, c) (((a) & (b)) | (c))
 // Apple GPUs have no prefetch-to-cache instruction: an L2 hint is nothing.
 #define FM_PREFETCH_L2(p, bytes) ((void)0)
+#define FM_AS_UINT(f) as_type<uint32_t>(f)
+// Matrix units (v6): one 16x16 (A) times 16x8 (B) product with float accumulation, made of four
+// 8x8 simdgroup matrices. Lane l holds A[FR][FC..FC+1], A[FR+8][..], A[FR][FC+8..FC+9], A[FR+8][..]
+// (each a pair of bfloat16 in a uint32, the lower column in the low half) and C[FR][FC..FC+1],
+// C[FR+8][FC..FC+1]; its B values v = 0..3 sit at (FM_MMA_BK, FM_MMA_BN). The four lanes that
+// hold a row are lane ^ FM_MMA_XOR0, ^ FM_MMA_XOR1 and the XOR of both.
+""" + MMA_LAYOUTS["metal"] + r"""#define FM_MMA(c, a, b) fm_mma((c), (a), (b))
+inline float2 fm_float2(float a, float b) {
+  float2 v;
+  v.x = a;
+  v.y = b;
+  return v;
+}
+inline float2 fm_bf16x2(uint32_t u) {  // exact: a bfloat16 is the top half of a float
+  return fm_float2(as_type<float>(u << 16), as_type<float>(u & 0xFFFF0000u));
+}
+inline void fm_mma(thread float* c, thread const uint32_t* a, thread const uint32_t* b) {
+  metal::simdgroup_float8x8 a00, a10, a01, a11, b0, b1, c0, c1;
+  reinterpret_cast<thread float2&>(a00.thread_elements()) = fm_bf16x2(a[0]);
+  reinterpret_cast<thread float2&>(a10.thread_elements()) = fm_bf16x2(a[1]);
+  reinterpret_cast<thread float2&>(a01.thread_elements()) = fm_bf16x2(a[2]);
+  reinterpret_cast<thread float2&>(a11.thread_elements()) = fm_bf16x2(a[3]);
+  reinterpret_cast<thread float2&>(b0.thread_elements()) = fm_bf16x2(b[0]);
+  reinterpret_cast<thread float2&>(b1.thread_elements()) = fm_bf16x2(b[1]);
+  reinterpret_cast<thread float2&>(c0.thread_elements()) = fm_float2(c[0], c[1]);
+  reinterpret_cast<thread float2&>(c1.thread_elements()) = fm_float2(c[2], c[3]);
+  metal::simdgroup_multiply_accumulate(c0, a00, b0, c0);
+  metal::simdgroup_multiply_accumulate(c0, a01, b1, c0);
+  metal::simdgroup_multiply_accumulate(c1, a10, b0, c1);
+  metal::simdgroup_multiply_accumulate(c1, a11, b1, c1);
+  const float2 lo = reinterpret_cast<thread float2&>(c0.thread_elements());
+  const float2 hi = reinterpret_cast<thread float2&>(c1.thread_elements());
+  c[0] = lo.x;
+  c[1] = lo.y;
+  c[2] = hi.x;
+  c[3] = hi.y;
+}
 """
 
 CUDA_MACROS = r"""
@@ -100,6 +158,20 @@ FM_INLINE void fm_prefetch_l2(const void* p, unsigned long long bytes) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(a), "r"((unsigned)(e - a)) : "memory");
   }
 #endif
+}
+#define FM_AS_UINT(f) __float_as_uint(f)
+// Matrix units (v6): mma.sync m16n8k16, bfloat16 inputs, float32 accumulation (sm_80+). Lane l
+// holds A[FR][FC..FC+1], A[FR+8][..], A[FR][FC+8..FC+9], A[FR+8][..] (pairs of bfloat16 in a
+// uint32, the lower column in the low half) and C[FR][FC..FC+1], C[FR+8][FC..FC+1]; its B values
+// v = 0..3 sit at (FM_MMA_BK, FM_MMA_BN). The four lanes that hold a row are lane ^ FM_MMA_XOR0,
+// ^ FM_MMA_XOR1 and the XOR of both.
+""" + MMA_LAYOUTS["cuda"] + r"""#define FM_MMA(c, a, b) fm_mma((c), (a), (b))
+FM_INLINE void fm_mma(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 """
 
@@ -200,6 +272,14 @@ GATE_UP_PF = KernelSpec(
 )
 DOWN_PF, DOWN_COMBINE_PF = _down_pair("_pf", sources_prefetch.DOWN_PF,
                                       ("BITS", "GS", "D", "O", "K", "R", "RPT", "PF", "ST", "RT", "OutT"))
+# v6: gate/up on the matrix units (down is v2's).
+GATE_UP_MMA = KernelSpec(
+    name="gate_up_mma",
+    inputs=_PROJ_INPUTS + ("xmap",),
+    outputs=("h",),
+    body=sources_mma.GATE_UP_MMA,
+    template=("BITS", "GS", "D", "I", "K", "W", "S", "G", "PD", "P", "CS", "RBM", "PF", "XT", "ST"),
+)
 # Split-K expert MLP, v4: one launch, gate/up and down per chunk of expert rows, atomic sum.
 EXPERT_MLP_SK = KernelSpec(
     name="expert_mlp_sk", inputs=_PROJ_INPUTS + ("wd", "sd", "bd", "scores"), outputs=("y",),
@@ -227,7 +307,7 @@ GATED_DELTA = KernelSpec(
     template=("B", "HK", "HV", "DK", "DV", "R", "W", "QT", "KT", "VT", "GT", "BT", "OutT"),
 )
 
-ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, DOWN_PF, DOWN_COMBINE_PF,
+ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, DOWN_PF, DOWN_COMBINE_PF, GATE_UP_MMA,
                                      EXPERT_MLP_SK, EXPERT_MLP_SKA, COMBINE, GATED_DELTA)
 
 

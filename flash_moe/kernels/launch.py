@@ -40,6 +40,12 @@ TUNING: Dict[str, Dict[str, int]] = {
     # on the H200 (KERNELS_NOTES.md, Run 10).
     "gate_up_pf": {"R": 1, "W": 12, "tgs": 0, "DB": 1, "PF": 0},
     "down_pf": {"R": 1, "tgs": 256, "PF": 0},
+    # v6 (gate/up on the matrix units; down is v2's). S: warps that split a row's blocks; WR:
+    # items (16 rows) a threadgroup works on at once (W = S * WR warps); PD: blocks each warp has
+    # in flight; tgs as v2's; CS: 2 spreads the used B columns over more lanes (1 where the
+    # staged x would not fit threadgroup memory); RBM: rounds whose sums wait for one barrier;
+    # PF: L2 hints (1-15 rounds ahead, 16 the whole run).
+    "gate_up_mma": {"S": 16, "WR": 1, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 0},
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
     "expert_mlp_sk": {"C": 64, "W": 4, "R": 1, "RD": 2},
@@ -79,7 +85,8 @@ if os.environ.get("FLASH_MOE_TUNING"):
 
 # Which projection kernels run: 1 (the fallback for shapes the others do not cover), 2
 # (prefetching, two launches), 4 (split-K in one launch with an atomic sum, not bit-reproducible
-# from run to run), 5 (4 with asynchronously staged weights), or "auto" (the default): 2. Timed
+# from run to run), 5 (4 with asynchronously staged weights), 6 (gate/up on the matrix units, then
+# v2's down; at 4 bits 10% slower than v2 on the H200, Run 11), or "auto" (the default): 2. Timed
 # one call after the other, as a decode's layers run, v2 is the fastest at every measured size
 # on the H100 (4-bit k=10: 61-68 us per call against 90-95 for v4, 82-83 for v5; GPU time alone,
 # CUPTI: 43.6 / 65.0 / 57.2 us); v4 only looked faster when independent calls overlapped on the
@@ -394,6 +401,18 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
              ST=w.gate.scales.dtype),
         N * G, W * 32, [(N * K, I)], [mx.float32],
     )
+    down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
+    return None if down is None else (gate_up, down)
+
+
+def _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype) -> Optional[Plan]:
+    """v2's down: one warp per expert (K <= 16), RPT rows per threadgroup."""
+    bits, gs = w.bits, w.group_size
+    td = tuning("down_pf", bits)
+    Rd = _rows_per_warp(D, sub_i, td["R"])
+    pf_down = td.get("PF", 0)
+    if Rd is None or K > 16:
+        return None
     # rows per threadgroup: the fewest (a multiple of Rd * SUB dividing D) that keep the
     # threadgroup count at or under tgs
     step = Rd * sub_i
@@ -409,7 +428,113 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
              RT=scores.dtype, OutT=out_dtype),
         N * (D // rpt), K * 32, [(N, D)], [out_dtype],
     )
-    return gate_up, down
+    return down
+
+
+# codegen.MMA_LAYOUTS in Python: which B values (k, n) lane l holds, v = 0..3.
+def _mma_b_values(target: str, lane: int) -> List[Tuple[int, int]]:
+    if target == "metal":
+        fr = ((lane // 4) & 4) + ((lane // 2) % 4)
+        fc = ((lane // 4) & 2) * 2 + (lane % 2) * 2
+        return [(fr + 8 * (v >> 1), fc + (v & 1)) for v in range(4)]
+    fr, fc = lane >> 2, (lane & 3) * 2
+    return [(fc + (v & 1) + 8 * (v >> 1), fr) for v in range(4)]
+
+
+def _mma_used_lanes(target: str, used_columns: int, stride: int) -> List[int]:
+    return [lane for lane in range(32)
+            if any(n % stride == 0 and n // stride < used_columns for _, n in _mma_b_values(target, lane))]
+
+
+def mma_b_slots(target: str, used_columns: int, stride: int) -> int:
+    """Lanes whose B fragment holds a used column (fm_b_slots in the kernel text)."""
+    return len(_mma_used_lanes(target, used_columns, stride))
+
+
+@functools.lru_cache(maxsize=64)
+def mma_x_map(target: str, D: int, bits: int, gs: int, pieces: int, stride: int) -> mx.array:
+    """Where each value of v6's staged B fragments comes from, [tile][slot][v] int32: element << 4
+    | piece << 2 | field place f (x is pre-scaled by 2^-(bits*f)), or -1 for a zero. The inverse
+    of how a lane's A registers pair the fields of its own 16-byte chunk (sources_mma)."""
+    pack, hp, f_in_place = 32 // bits, 16 // bits, 7 // bits
+    epl = 4 * pack
+    blk, ng = 4 * epl, 4 * epl // gs
+    used = pieces * ng
+    codes = []
+    for T in range(D // 16):
+        bk, j = divmod(T, pack)  # a block has `pack` tiles
+        for lane in _mma_used_lanes(target, used, stride):
+            for k, n in _mma_b_values(target, lane):
+                chunk, pp = (k % 8) // 2, 2 * j + k // 8
+                p = pp % hp
+                el = bk * blk + chunk * epl + (pp // hp) * pack + p + (k % 2) * hp
+                u = n // stride
+                ok = n % stride == 0 and u < used and (chunk * epl) // gs == u % ng
+                codes.append((el << 4) | ((u // ng) << 2) | (p % f_in_place) if ok else -1)
+    return mx.array(codes, dtype=mx.int32)
+
+
+MMA_PIECES = {mx.bfloat16: 1, mx.float16: 2, mx.float32: 3}  # bfloat16 pieces that hold x exactly
+# Registers a v6 gate/up thread takes by x's pieces (sm_90, `check.py --ptxas`: 93-114 with one or
+# two pieces, 138 with three), with a margin: a threadgroup asking more than 64K fails to launch.
+MMA_REGISTERS = {1: 120, 2: 120, 3: 160}
+
+
+def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
+    """gate/up on the matrix units (16-row items, S warps per item), then v2's down. None where
+    it does not apply: 8-bit weights, groups smaller than a lane's chunk, rows not in 16s, or
+    the staged x too large for threadgroup memory."""
+    bits, gs = w.bits, w.group_size
+    if bits not in (2, 4) or I % 16:
+        return None
+    epl = 128 // bits
+    blk = 4 * epl
+    if gs % epl or blk % gs or D % blk:
+        return None
+    t = tuning("gate_up_mma", bits)
+    P = MMA_PIECES[x.dtype]
+    NU = P * (blk // gs)
+    nb = D // blk
+    S = max(1, t["S"])
+    while nb % S:
+        S //= 2
+    WR = max(1, t["WR"])
+    while S * WR * 32 * MMA_REGISTERS[P] > 65536:  # the threadgroup must fit one SM's registers
+        if WR > 1:
+            WR //= 2
+        else:
+            S //= 2
+    W = S * WR
+    PD = max(1, min(t["PD"], nb // S))
+    while (nb // S) % PD:
+        PD //= 2
+    items = K * I // 16
+    tgs = t["tgs"] or gpu_cores(target) or 256
+    run = -(-items // max(1, min(items, tgs // N)))
+    G = -(-items // run)
+    RBM, PF = max(1, t.get("RBM", 8)), t.get("PF", 0)
+    if not 0 <= PF <= 16:
+        raise ValueError(f"v6 launch shape out of range (PF 0-16): gate_up_mma {t}")
+    scratch = max(D, min(RBM, -(-run // (W // S))) * W * 2 * 16)  # floats (the kernel's SCR; D, W even)
+    fixed16 = (2 * (D // gs) * P + 3) // 4 + scratch // 4 + 8
+    CS = smem = None
+    for cs in (t.get("CS", 2), 1, 2):
+        if cs in (1, 2) and NU * cs <= 8:
+            smem = 16 * (fixed16 + ((D // 16) * mma_b_slots(target, NU, cs) + 1) // 2)
+            if smem <= DYNAMIC_SMEM_LIMIT[target]:
+                CS = cs
+                break
+    if CS is None:
+        return None
+    gate_up = Plan(
+        codegen.GATE_UP_MMA,
+        _gate_up_inputs(x, w, inds) + [mma_x_map(target, D, bits, gs, P, CS)],
+        dict(BITS=bits, GS=gs, D=D, I=I, K=K, W=W, S=S, G=G, PD=PD, P=P, CS=CS, RBM=RBM, PF=PF, XT=x.dtype,
+             ST=w.gate.scales.dtype),
+        N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem,
+    )
+    down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
+    return None if down is None else (gate_up, down)
 
 
 def _split_k_chunk(I: int, epl: int, pref: int) -> Optional[int]:
@@ -501,10 +626,10 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
                     out_dtype: Optional[Any] = None) -> Optional[Tuple[Plan, ...]]:
     """Launch plans, run in order, for gate/up + SwiGLU, down + routing weights + k-way sum.
 
-    Versions 1 and 2: two plans (gate/up into h, then down); the second plan's first input
+    Versions 1, 2 and 6: two plans (gate/up into h, then down); the second plan's first input
     is an ``ArraySpec`` placeholder for h. Version 4: one plan whose output is a float32
     accumulator (``expert_mlp`` casts it). ``combine`` = (shared_out, shared_gate, residual)
-    fuses ``moe_combine`` into v1's and v2's down launch, and adds it as a last launch to v4's
+    fuses ``moe_combine`` into the down launch of v1, v2 and v6, and adds it as a last launch to v4's
     (it casts the sum back). ``inds`` must be int32. ``version`` picks the projection kernels
     (default ``default_version``). ``out_dtype`` (without a combine): what v1's and v2's down
     kernel writes (default x's dtype; v4 and v5 always write a float32 sum).
@@ -542,7 +667,11 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
             version = 4
     if version == 4:
         plans = _plan_v4(target, x, w, inds, scores, N, D, I, K, sub_d)
-    elif version == 2:
+    elif version == 6:
+        plans = _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype or x.dtype)
+        if plans is None:  # shapes v6 does not cover: v2 (then v1)
+            version = 2
+    if version == 2:
         plans = _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype or x.dtype)
     if plans is None:  # v1 covers shapes the others do not (and is the fallback)
         version, plans = 1, _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype or x.dtype)

@@ -101,6 +101,60 @@ FM_INLINE int fm_lane_major4(int el) {
   const int i = r % EPL;
   return ((step * (EPL / 4) + i / 4) * LPR + r / EPL) * 4 + i % 4;
 }
+
+// ---- matrix-unit helpers (v6; the FM_MMA_* layout macros come from the target prelude) ----
+
+// 32-bit word i of a 16-byte load.
+FM_INLINE uint32_t fm_word(uint4 w, int i) {
+  return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w;
+}
+
+// float -> bfloat16 bits, rounded to nearest even (finite values).
+FM_INLINE uint32_t fm_bf16_bits(float v) {
+  const uint32_t u = FM_AS_UINT(v);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// Piece `piece` of v split into bfloat16 values: v == piece 0 + piece 1 + piece 2 exactly for a
+// float32 v (each piece takes the next 8 significant bits); a bfloat16 v is its piece 0.
+FM_INLINE float fm_bf16_piece(float v, int piece) {
+  float rest = v;
+  float p = 0.0f;
+  for (int i = 0; i <= piece; ++i) {
+    p = FM_AS_FLOAT(fm_bf16_bits(rest) << 16);
+    rest -= p;
+  }
+  return p;
+}
+
+// Whether lane l's B fragment holds a used column (columns n = CS * u, u < NU).
+FM_INLINE constexpr bool fm_b_used(int l, int NU, int CS) {
+  bool used = false;
+  for (int v = 0; v < 4; ++v) {
+    const int n = FM_MMA_BN(l, v);
+    used = used || (n % CS == 0 && n / CS < NU);
+  }
+  return used;
+}
+
+// B fragments are staged only for the lanes that have a used column: their count, and a
+// lane's slot among them (-1: its B is zero).
+FM_INLINE constexpr int fm_b_slots(int NU, int CS) {
+  int s = 0;
+  for (int l = 0; l < 32; ++l) {
+    s += fm_b_used(l, NU, CS) ? 1 : 0;
+  }
+  return s;
+}
+
+FM_INLINE constexpr int fm_b_slot(int l, int NU, int CS) {
+  int s = 0;
+  for (int m = 0; m < l; ++m) {
+    s += fm_b_used(m, NU, CS) ? 1 : 0;
+  }
+  return fm_b_used(l, NU, CS) ? s : -1;
+}
+
 """
 
 # Shapes common to the two projection kernels, for an input dimension D (template int).

@@ -70,7 +70,7 @@ def variants(target: str) -> List[Tuple[str, launch.Plan]]:
         w = _experts(U, D, I, bits, gs, sdt)
         x, inds, scores = A((N, D), xdt), A((N, K), mx.int32), A((N, K), xdt)
         tag = f"D{D}_I{I}_b{bits}_g{gs}_N{N}_K{K}_{xdt}_{sdt}".replace("mlx.core.", "")
-        for version in (1, 2, 4, 5):  # (v5 falls back to v4 where its ring does not fit: Metal)
+        for version in (1, 2, 4, 5, 6):  # (v5 falls back to v4 where its ring does not fit: Metal; v6 to v2)
             v = f"v{version}_"
             plans = launch.plan_expert_mlp(target, x, w, inds, scores, version=version)
             assert plans is not None, f"no plan for {v}{tag}"

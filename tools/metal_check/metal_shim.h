@@ -66,6 +66,19 @@ typedef atomic<float> atomic_float;
 template <typename T>
 T atomic_fetch_add_explicit(device atomic<T>* object, T operand, memory_order order);
 
+// 8x8 simdgroup matrices: each lane holds two elements (thread_elements), the product is a
+// collective of the SIMD-group.
+template <typename T, int Rows, int Cols>
+struct simdgroup_matrix {
+  typedef T elements_type __attribute__((ext_vector_type(2)));
+  elements_type& thread_elements();
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+template <typename T, int R, int C>
+void simdgroup_multiply_accumulate(thread simdgroup_matrix<T, R, C>& d, thread const simdgroup_matrix<T, R, C>& a,
+                                   thread const simdgroup_matrix<T, R, C>& b,
+                                   thread const simdgroup_matrix<T, R, C>& c);
+
 float exp(float x);
 float exp2(float x);
 float log(float x);

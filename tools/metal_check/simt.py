@@ -39,6 +39,8 @@ PRELUDE = r"""
 #include <thread>
 #include <vector>
 
+struct uint2 { uint32_t x, y; };
+struct int4 { int32_t x, y, z, w; };
 struct uint4 { uint32_t x, y, z, w; };
 struct float4 { float x, y, z, w; };
 
@@ -150,6 +152,57 @@ inline void prefetch_l2(const void* p, unsigned long long bytes) {
   std::lock_guard<std::mutex> lock(hint_mutex);
   hints.push_back(Hint{p, bytes});
 }
+inline uint32_t as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+// The matrix-unit product (FM_MMA): every lane leaves its fragments in the warp's buffer, and
+// after a barrier each computes its own C values from the whole A and B, in float, k in order.
+// Which lane holds what is the FM_MMA_* layout the translation unit defines (CUDA's or Metal's).
+struct MmaLane {
+  uint32_t a[4], b[2];
+};
+thread_local MmaLane* mma_buf = nullptr;
+inline float bf16_half(uint32_t reg, int hi) {
+  return as_float(hi ? (reg & 0xFFFF0000u) : (reg << 16));
+}
+}  // namespace fmsim
+"""
+
+MMA_EMULATION = r"""
+namespace fmsim {
+inline void mma(float* c, const uint32_t* a, const uint32_t* b) {
+  const int lane = tid & 31;
+  for (int i = 0; i < 4; ++i) mma_buf[lane].a[i] = a[i];
+  for (int i = 0; i < 2; ++i) mma_buf[lane].b[i] = b[i];
+  warp_barrier->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int fr = FM_MMA_FR(l), fc = FM_MMA_FC(l);
+    for (int i = 0; i < 4; ++i) {  // a[i]: rows fr (+ 8 for odd i), columns fc (+ 8 for i >= 2)
+      for (int hi = 0; hi < 2; ++hi) {
+        A[fr + 8 * (i & 1)][fc + 8 * (i >> 1) + hi] = bf16_half(mma_buf[l].a[i], hi);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      B[FM_MMA_BK(l, v)][FM_MMA_BN(l, v)] = bf16_half(mma_buf[l].b[v >> 1], v & 1);
+    }
+  }
+  const int fr = FM_MMA_FR(lane), fc = FM_MMA_FC(lane);
+  for (int i = 0; i < 4; ++i) {  // c[i]: row fr (+ 8 for i >= 2), column fc (+ 1 for odd i)
+    const int m = fr + 8 * (i >> 1), nn = fc + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][nn];
+    c[i] = acc;
+  }
+  warp_barrier->arrive_and_wait();
+}
+}  // namespace fmsim
+"""
+
+_PRELUDE_TAIL = r"""
+namespace fmsim {
 inline float shfl_xor(float v, int m) {
   const int lane = tid & 31;
   shfl_buf[lane] = v;
@@ -178,6 +231,8 @@ inline float shfl_xor(float v, int m) {
 #define FM_CP_WAIT(n) fmsim::cp_wait(n)
 #define FM_AND_OR(a, b, c) (((a) & (b)) | (c))
 #define FM_PREFETCH_L2(p, bytes) fmsim::prefetch_l2((const void*)(p), (unsigned long long)(bytes))
+#define FM_AS_UINT(f) fmsim::as_uint(f)
+#define FM_MMA(c, a, b) fmsim::mma((c), (a), (b))
 """
 
 BODY_PRELUDE = r"""
@@ -202,6 +257,7 @@ extern "C" int fm_launch(void** args, int n_groups, int group_size) {
   std::barrier<> tg_barrier(group_size);
   std::vector<std::barrier<>*> warp_barriers;
   std::vector<float> shfl(group_size);
+  std::vector<fmsim::MmaLane> mma(group_size);
   for (int w = 0; w < group_size / 32; ++w) warp_barriers.push_back(new std::barrier<>(32));
   std::vector<std::thread> threads;
   for (int t = 0; t < group_size; ++t) {
@@ -210,6 +266,7 @@ extern "C" int fm_launch(void** args, int n_groups, int group_size) {
       fmsim::tg_barrier = &tg_barrier;
       fmsim::warp_barrier = warp_barriers[t / 32];
       fmsim::shfl_buf = shfl.data() + (t / 32) * 32;
+      fmsim::mma_buf = mma.data() + (t / 32) * 32;
       for (int g = 0; g < n_groups; ++g) {
         fmsim::tg = g;
         fm_kernel(ARGS);
@@ -233,7 +290,7 @@ _POISON_BITS = {mx.float32: np.float32(np.nan), mx.bfloat16: np.uint16(0x7FC0),
                 mx.float16: np.float16(np.nan)}
 
 
-def translation_unit(plan: Plan) -> str:
+def translation_unit(plan: Plan, layout: str = "cuda") -> str:
     spec = plan.spec
     defs = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
     params = [f"const {_CTYPE[a.dtype]}* {n}" for n, a in zip(spec.inputs, plan.inputs)]
@@ -242,7 +299,7 @@ def translation_unit(plan: Plan) -> str:
     n_in = len(spec.inputs)
     args = [f"({_CTYPE[a.dtype]} const*)args[{i}]" for i, a in enumerate(plan.inputs)]
     args += [f"({_CTYPE[d]}*)args[{n_in + i}]" for i, d in enumerate(plan.out_dtypes)]
-    return (PRELUDE + defs + sources.HELPERS
+    return (PRELUDE + _PRELUDE_TAIL + codegen.MMA_LAYOUTS[layout] + MMA_EMULATION + defs + sources.HELPERS
             + "static void fm_kernel(" + ", ".join(params) + ") {\n" + "\n".join(consts) + "\n"
             + BODY_PRELUDE + spec.body + "\n}\n"
             + LAUNCHER.replace("ARGS", ", ".join(args)))
@@ -287,13 +344,14 @@ def _to_numpy(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(a))
 
 
-def simulate(plan: Plan, hints: Optional[List[Tuple[str, int, int]]] = None) -> List[mx.array]:
-    """Run ``plan`` on the CPU simulator; inputs must be MLX arrays.
+def simulate(plan: Plan, hints: Optional[List[Tuple[str, int, int]]] = None, layout: str = "cuda") -> List[mx.array]:
+    """Run ``plan`` on the CPU simulator; inputs must be MLX arrays. ``layout``: whose matrix-unit
+    lane layout (``FM_MMA_*``) the kernel text is built with, "cuda" or "metal".
 
     Every L2 hint (``FM_PREFETCH_L2``) the kernel gave must lie inside one input, else
     ``AssertionError``; ``hints``, when given, receives them as (input name, first byte, end).
     """
-    lib = _library(translation_unit(plan))
+    lib = _library(translation_unit(plan, layout))
     ins = [_to_numpy(a) for a in plan.inputs]
     outs = []
     for shape, dt in zip(plan.out_shapes, plan.out_dtypes):
