@@ -321,6 +321,12 @@ def test_cuda_dequantization_takes_one_lop3_per_element(monkeypatch):
 needs_cxx = pytest.mark.skipif(simt.find_compiler() is None, reason="no C++20 compiler on PATH")
 
 
+def _placeholder(plan) -> int:
+    """Index of the input that stands for the previous launch's output."""
+    (i,) = [i for i, a in enumerate(plan.inputs) if isinstance(a, launch.ArraySpec)]
+    return i
+
+
 def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1):
     plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, combine, version=version)
     assert plans is not None
@@ -329,7 +335,7 @@ def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1):
     for plan in plans:
         if y is not None:
             assert not bool(mx.isnan(y).any()), "gate_up left elements unwritten"
-            plan.inputs[0] = y
+            plan.inputs[_placeholder(plan)] = y
         (y,) = simt.simulate(plan)
     out_dtype = x.dtype if combine is None else mx.result_type(x.dtype, combine[0].dtype, combine[1].dtype)
     return y.astype(out_dtype)
@@ -490,24 +496,29 @@ def test_simulated_staged_split_k_matches_reference(bits, gs, H, I, N, K, xdt, s
     (4, 128, 1024, 128, 1, 3, mx.float16, mx.float32, 2),  # one group per block
     (4, 32, 256, 64, 1, 3, mx.bfloat16, mx.float16, 2),    # a group per chunk
 ])
-def test_simulated_matrix_unit_gate_up_matches_reference(layout, bits, gs, H, I, N, K, xdt, sdt, cs, monkeypatch):
+@pytest.mark.parametrize("xb", [0, 1], ids=["staged-per-threadgroup", "staged-per-token"])
+def test_simulated_matrix_unit_gate_up_matches_reference(layout, bits, gs, H, I, N, K, xdt, sdt, cs, xb, monkeypatch):
     """v6 under both targets' matrix-unit lane layouts (CUDA's mma.sync, Metal's 8x8 simdgroup
     matrices): warps that loop over rounds, carry their block ring into the next item and add
     the rows of several rounds after one barrier. Its h,
     through v2's down into a float32 sum, matches float64 to 1e-5 for every x dtype (x is split
     into exact bfloat16 pieces)."""
-    monkeypatch.setitem(launch.TUNING, "gate_up_mma", {"S": 2, "WR": 2, "PD": 2, "tgs": N, "CS": cs, "RBM": 3})
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", {"S": 2, "WR": 2, "PD": 2, "tgs": N, "CS": cs, "RBM": 3, "XB": xb})
     U = 5
     w = make_experts(U, H, I, bits, gs, sdt, seed=bits + gs)
     x = mx.random.normal((N, H)).astype(xdt)
     inds = mx.array(np.random.default_rng(H + I).integers(0, U, (N, K)).astype(np.int32))
     scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
-    gate_up, down = launch.plan_expert_mlp(layout, x, w, inds, scores, version=6, out_dtype=mx.float32)
+    *staged, gate_up, down = launch.plan_expert_mlp(layout, x, w, inds, scores, version=6, out_dtype=mx.float32)
     t = gate_up.template
-    assert gate_up.spec.name == "gate_up_mma" and t["P"] == launch.MMA_PIECES[xdt]
+    assert gate_up.spec.name == ("gate_up_mma_xb" if xb else "gate_up_mma") and t["P"] == launch.MMA_PIECES[xdt]
+    assert len(staged) == xb
     assert t["CS"] == (2 if t["P"] * (512 // bits) // gs <= 4 and cs == 2 else 1)
     assert -(-K * I // 16 // t["G"]) > 3 * t["W"] // t["S"]  # rounds in batches of 3 and a shorter one
     assert H // (512 // bits) // t["S"] >= 2 * t["PD"] or t["PD"] == H // (512 // bits) // t["S"]
+    for plan in staged:  # x staged once per token (its padding words may stay unwritten)
+        (xs,) = simt.simulate(plan, layout=layout)
+        gate_up.inputs[_placeholder(gate_up)] = xs
     (h,) = simt.simulate(gate_up, layout=layout)
     assert not bool(mx.isnan(h).any()), "gate_up left elements unwritten"
     down.inputs[0] = h

@@ -1,6 +1,6 @@
 """Launch-shape sweep of the v2 expert kernels by GPU time, as a table (needs Nsight Compute).
 
-    python3 tools/ncu_sweep.py [--bits 4] --gate-up R,W,tgs[,DB[,PF]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF]]] ...]
+    python3 tools/ncu_sweep.py [--bits 4] --gate-up R,W,tgs[,DB[,PF]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB]]]] ...]
 
 Runs ``tools/profile_expert_mlp.py --sweep`` under ``ncu`` (boost clocks, L2 flushed before
 every kernel, as a decode step meets its weights) and prints, per launch shape, the median GPU
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--gate-up", nargs="*", default=[])
     p.add_argument("--down", nargs="*", default=[])
-    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF]]]")
+    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF[,XB]]]] (XB: x staged per token, its launch counted in gate/up)")
     p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     p.add_argument("--best-json", type=Path, help="write the fastest gate/up and down shapes here, as JSON "
                    "for FLASH_MOE_TUNING")
@@ -44,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "ncu.csv"
         cmd = [a.ncu, "--clock-control", "none", "--csv", "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(METRICS),
-               "-k", "regex:gate_up_pf|gate_up_mma|down_pf", sys.executable, str(ROOT / "tools" / "profile_expert_mlp.py"),
+               "-k", "regex:gate_up_pf|gate_up_mma|stage_x_mma|down_pf", sys.executable, str(ROOT / "tools" / "profile_expert_mlp.py"),
                "--bits", str(a.bits), "--k", str(a.k), "--calls", str(a.calls), "--sweep",
                "--gate-up", *a.gate_up, "--down", *a.down, "--mma", *a.mma]
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -66,10 +66,18 @@ def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
     for r in rows:
         if "ID" not in r or r.get("Metric Name") not in METRICS:
             continue
-        kind = "gate_up" if "gate_up" in r["Kernel Name"] else "down"
+        name = r["Kernel Name"]
+        kind = "stage" if "stage_x" in name else "gate_up" if "gate_up" in name else "down"
         kernels.setdefault((int(r["ID"]), kind), {})[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
     per_kind = {"gate_up": [], "down": []}
+    staged = None  # v6 with XB: its x staging launch counts with the gate/up launch after it
     for (_, kind), m in sorted(kernels.items()):
+        if kind == "stage":
+            staged = m
+            continue
+        if kind == "gate_up" and staged is not None:
+            m = dict(m, **{key: m[key] + staged[key] for key in ("gpu__time_duration.sum", "dram__bytes_read.sum")})
+            staged = None
         per_kind[kind].append(m)
     print(f"{bits}-bit k={k}, {calls} calls a shape, median; L2 flushed before each kernel, boost clocks")
     print(f"{'gate_up / down shape':60s} {'gate_up us':>10s} {'down us':>8s} {'sum us':>7s} {'GB/s':>6s} "

@@ -272,14 +272,15 @@ GATE_UP_PF = KernelSpec(
 )
 DOWN_PF, DOWN_COMBINE_PF = _down_pair("_pf", sources_prefetch.DOWN_PF,
                                       ("BITS", "GS", "D", "O", "K", "R", "RPT", "PF", "ST", "RT", "OutT"))
-# v6: gate/up on the matrix units (down is v2's).
-GATE_UP_MMA = KernelSpec(
-    name="gate_up_mma",
-    inputs=_PROJ_INPUTS + ("xmap",),
-    outputs=("h",),
-    body=sources_mma.GATE_UP_MMA,
-    template=("BITS", "GS", "D", "I", "K", "W", "S", "G", "PD", "P", "CS", "RBM", "PF", "XT", "ST"),
-)
+# v6: gate/up on the matrix units (down is v2's); each threadgroup stages x itself, or (XB) a
+# first launch stages it once per token and gate/up copies it.
+_MMA_TEMPLATE = ("BITS", "GS", "D", "I", "K", "W", "S", "G", "PD", "P", "CS", "RBM", "PF", "XT", "ST")
+GATE_UP_MMA = KernelSpec(name="gate_up_mma", inputs=_PROJ_INPUTS + ("xmap",), outputs=("h",),
+                         body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE, defines=(("FM_XB", "0"),))
+GATE_UP_MMA_XB = KernelSpec(name="gate_up_mma_xb", inputs=_PROJ_INPUTS + ("xb",), outputs=("h",),
+                            body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE, defines=(("FM_XB", "1"),))
+STAGE_X_MMA = KernelSpec(name="stage_x_mma", inputs=("x", "xmap"), outputs=("xb",), body=sources_mma.STAGE_X_MMA,
+                         template=("BITS", "GS", "D", "P", "CS", "W", "TPT", "XT"))
 # Split-K expert MLP, v4: one launch, gate/up and down per chunk of expert rows, atomic sum.
 EXPERT_MLP_SK = KernelSpec(
     name="expert_mlp_sk", inputs=_PROJ_INPUTS + ("wd", "sd", "bd", "scores"), outputs=("y",),
@@ -308,6 +309,7 @@ GATED_DELTA = KernelSpec(
 )
 
 ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, DOWN_PF, DOWN_COMBINE_PF, GATE_UP_MMA,
+                                     GATE_UP_MMA_XB, STAGE_X_MMA,
                                      EXPERT_MLP_SK, EXPERT_MLP_SKA, COMBINE, GATED_DELTA)
 
 

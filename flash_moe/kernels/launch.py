@@ -44,8 +44,9 @@ TUNING: Dict[str, Dict[str, int]] = {
     # items (16 rows) a threadgroup works on at once (W = S * WR warps); PD: blocks each warp has
     # in flight; tgs as v2's; CS: 2 spreads the used B columns over more lanes (1 where the
     # staged x would not fit threadgroup memory); RBM: rounds whose sums wait for one barrier;
-    # PF: L2 hints (1-15 rounds ahead, 16 the whole run).
-    "gate_up_mma": {"S": 16, "WR": 1, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 0},
+    # PF: L2 hints (1-15 rounds ahead, 16 the whole run); XB: 1 stages x once per token in a
+    # launch of its own instead of in every threadgroup (not measured yet).
+    "gate_up_mma": {"S": 16, "WR": 1, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 0, "XB": 0},
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
     "expert_mlp_sk": {"C": 64, "W": 4, "R": 1, "RD": 2},
@@ -475,9 +476,9 @@ def mma_x_map(target: str, D: int, bits: int, gs: int, pieces: int, stride: int)
 
 
 MMA_PIECES = {mx.bfloat16: 1, mx.float16: 2, mx.float32: 3}  # bfloat16 pieces that hold x exactly
-# Registers a v6 gate/up thread takes by x's pieces (sm_90, `check.py --ptxas`: 93-114 with one or
-# two pieces, 138 with three), with a margin: a threadgroup asking more than 64K fails to launch.
-MMA_REGISTERS = {1: 120, 2: 120, 3: 160}
+# Registers a v6 gate/up thread takes by x's pieces (sm_90, `check.py --ptxas`: 79-123 with one or
+# two pieces, 138 with three), rounded up: a threadgroup asking more than 64K fails to launch.
+MMA_REGISTERS = {1: 128, 2: 128, 3: 160}
 
 
 def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
@@ -526,15 +527,24 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
                 break
     if CS is None:
         return None
-    gate_up = Plan(
-        codegen.GATE_UP_MMA,
-        _gate_up_inputs(x, w, inds) + [mma_x_map(target, D, bits, gs, P, CS)],
-        dict(BITS=bits, GS=gs, D=D, I=I, K=K, W=W, S=S, G=G, PD=PD, P=P, CS=CS, RBM=RBM, PF=PF, XT=x.dtype,
-             ST=w.gate.scales.dtype),
-        N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem,
-    )
+    xmap = mma_x_map(target, D, bits, gs, P, CS)
+    template = dict(BITS=bits, GS=gs, D=D, I=I, K=K, W=W, S=S, G=G, PD=PD, P=P, CS=CS, RBM=RBM, PF=PF,
+                    XT=x.dtype, ST=w.gate.scales.dtype)
+    staged = ()
+    if t.get("XB", 0):  # x staged once per token by a first launch; gate/up copies it
+        entries = xmap.size // 4
+        words = 4 * ((entries + 1) // 2 + (2 * (D // gs) * P + 3) // 4)  # the kernels' BS16 + XS16
+        tpt = max(1, -(-max(entries, 32 * (D // gs) * P) // 256))
+        staged = (Plan(codegen.STAGE_X_MMA, [x, xmap], dict(BITS=bits, GS=gs, D=D, P=P, CS=CS, W=8, TPT=tpt,
+                                                               XT=x.dtype),
+                       N * tpt, 256, [(N, words)], [mx.uint32]),)
+        gate_up = Plan(codegen.GATE_UP_MMA_XB, _gate_up_inputs(x, w, inds) + [ArraySpec((N, words), mx.uint32)],
+                       template, N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem)
+    else:
+        gate_up = Plan(codegen.GATE_UP_MMA, _gate_up_inputs(x, w, inds) + [xmap], template,
+                       N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem)
     down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
-    return None if down is None else (gate_up, down)
+    return None if down is None else staged + (gate_up, down)
 
 
 def _split_k_chunk(I: int, epl: int, pref: int) -> Optional[int]:
@@ -626,8 +636,8 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
                     out_dtype: Optional[Any] = None) -> Optional[Tuple[Plan, ...]]:
     """Launch plans, run in order, for gate/up + SwiGLU, down + routing weights + k-way sum.
 
-    Versions 1, 2 and 6: two plans (gate/up into h, then down); the second plan's first input
-    is an ``ArraySpec`` placeholder for h. Version 4: one plan whose output is a float32
+    Versions 1, 2 and 6: two plans (gate/up into h, then down; v6 with XB: a staging plan
+    first); a plan's ``ArraySpec`` input is a placeholder for the previous plan's output. Version 4: one plan whose output is a float32
     accumulator (``expert_mlp`` casts it). ``combine`` = (shared_out, shared_gate, residual)
     fuses ``moe_combine`` into the down launch of v1, v2 and v6, and adds it as a last launch to v4's
     (it casts the sum back). ``inds`` must be int32. ``version`` picks the projection kernels

@@ -22,30 +22,98 @@ scale applies to the column after the product. CS = 2 puts the used columns on e
 spreading the per-group work over more lanes.
 """
 
-# gate/up projection fused with SwiGLU on the matrix units.
-GATE_UP_MMA = r"""
-  // fm_gate_up_mma: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair],
-  // as fm_gate_up_pf writes it. Template ints: BITS (2 or 4), GS, D (hidden), I (rows), K, W
-  // (warps), S (warps that split a row's blocks), G (threadgroups per token), PD (blocks each
-  // warp has in flight), P (bfloat16 pieces of x), CS (column stride of the used B columns),
-  // RBM (rounds whose row sums are added after one barrier), PF (L2 hints, below); input xmap.
-  // An item is 16 rows of one expert (one A tile tall); the W / S items of a round are worked on
-  // by S warps each, every warp taking NB / S blocks of the row and loading PD blocks ahead
-  // (across items).
+# Shapes shared by the gate/up kernel and its x staging (template ints BITS, GS, D, P, CS).
+MMA_CONSTANTS = r"""
   constexpr int PACK = 32 / BITS;     // fields per uint32 word
   constexpr int HP = PACK / 2;        // field pairs per word: fields p and p + HP (16 bits apart)
   constexpr int F = 7 / BITS;         // fields a bfloat16 mantissa holds in place
   constexpr int EPL = 4 * PACK;       // elements of a lane's 16-byte chunk
   constexpr int BLK = 4 * EPL;        // elements of a row per block: the chunks of 4 lanes
   constexpr int NB = D / BLK;         // blocks per row
-  constexpr int NBS = NB / S;         // blocks per warp and item
   constexpr int TPB = PACK;           // 16-wide k tiles per block
   constexpr int NG = BLK / GS;        // scale groups per block
   constexpr int NU = P * NG;          // used B columns
-  constexpr int NC = (CS == 1) ? 2 : 1;  // used columns one lane can hold (FC, FC + 1)
   constexpr int SLOTS = fm_b_slots(NU, CS);
-  constexpr int WPR = D / PACK;
   constexpr int GPR = D / GS;
+  constexpr int ENT = (D / 16) * SLOTS;  // staged B entries (uint2)
+  constexpr int BS16 = (ENT + 1) / 2;    // 16-byte units of the B entries
+  constexpr int XS16 = (2 * GPR * P + 3) / 4;  // and of xsums
+"""
+
+# The B entry (two uint32: four bfloat16 values) that a 4-code int4 of xmap names, with FM_X(el)
+# the float x element el (codes: element << 4 | piece << 2 | field place f, or -1 for a zero).
+B_ENTRY = r"""
+      const int codes[4] = {code4.x, code4.y, code4.z, code4.w};
+      uint32_t hv[4];
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int code = codes[v];
+        float val = 0.0f;
+        if (code >= 0) {
+          val = fm_bf16_piece(FM_X(code >> 4), (code >> 2) & 3) * (1.0f / float(1u << (BITS * (code & 3))));
+        }
+        hv[v] = fm_bf16_bits(val);
+      }
+      const uint32_t ent_lo = hv[0] | (hv[1] << 16);
+      const uint32_t ent_hi = hv[2] | (hv[3] << 16);
+"""
+
+# xsums of combo c = (group c / P, piece c % P), by one warp: the sum of the piece over the group
+# and the sum of its pre-scaled values (what the B columns hold), in plain and scaled.
+XSUM_COMBO = r"""
+    const int g = c / P;
+    float plain = 0.0f;
+    float scaled = 0.0f;
+    for (int i = fm_lane; i < GS; i += 32) {
+      const int el = g * GS + i;
+      const float v = fm_bf16_piece(FM_X(el), c % P);
+      plain += v;
+      scaled += v * (1.0f / float(1u << (BITS * (((el % PACK) % HP) % F))));
+    }
+    plain = fm_lane_sum<32>(plain);
+    scaled = fm_lane_sum<32>(scaled);
+"""
+
+# x staged for v6's gate/up once per token (the FM_XB variant of the kernel copies it instead of
+# staging x in every threadgroup): the B entries, then xsums, in the layout of the kernel's
+# threadgroup memory.
+STAGE_X_MMA = r"""
+  // fm_stage_x_mma: xb[n] = [B entries, BS16 x 16 bytes][xsums, XS16 x 16 bytes] of token n.
+  // Template ints: BITS, GS, D, P, CS (as the gate/up kernel's), W (warps), TPT (threadgroups
+  // per token). Input xmap as the gate/up kernel's.
+""" + MMA_CONSTANTS + r"""
+  const int n = fm_tg / TPT;
+  const int part = fm_tg % TPT;
+  FM_DEVICE uint32_t* out = xb + int64_t(n) * 4 * (BS16 + XS16);
+#define FM_X(el) static_cast<float>(x[n * D + (el)])
+  for (int e = part * W * 32 + fm_tid; e < ENT; e += TPT * W * 32) {
+    const int4 code4 = ((const FM_DEVICE int4*)xmap)[e];
+""" + B_ENTRY + r"""    out[2 * e] = ent_lo;
+    out[2 * e + 1] = ent_hi;
+  }
+  for (int c = part * W + fm_warp; c < GPR * P; c += TPT * W) {  // (warp-uniform: lane sums)
+""" + XSUM_COMBO + r"""    if (fm_lane == 0) {
+      out[4 * BS16 + 2 * c] = FM_AS_UINT(plain);
+      out[4 * BS16 + 2 * c + 1] = FM_AS_UINT(scaled);
+    }
+  }
+#undef FM_X
+"""
+
+# gate/up projection fused with SwiGLU on the matrix units.
+GATE_UP_MMA = r"""
+  // fm_gate_up_mma: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair],
+  // as fm_gate_up_pf writes it. Template ints: BITS (2 or 4), GS, D (hidden), I (rows), K, W
+  // (warps), S (warps that split a row's blocks), G (threadgroups per token), PD (blocks each
+  // warp has in flight), P (bfloat16 pieces of x), CS (column stride of the used B columns),
+  // RBM (rounds whose row sums are added after one barrier), PF (L2 hints, below); input xmap
+  // (FM_XB 0: the threadgroup stages x itself) or xb (FM_XB 1: fm_stage_x_mma's, copied).
+  // An item is 16 rows of one expert (one A tile tall); the W / S items of a round are worked on
+  // by S warps each, every warp taking NB / S blocks of the row and loading PD blocks ahead
+  // (across items).
+""" + MMA_CONSTANTS + r"""  constexpr int NBS = NB / S;         // blocks per warp and item
+  constexpr int NC = (CS == 1) ? 2 : 1;  // used columns one lane can hold (FC, FC + 1)
+  constexpr int WPR = D / PACK;
   constexpr int NI = K * I / 16;      // items per token
   constexpr int RUN = (NI + G - 1) / G;
   constexpr int WR = W / S;           // items per round
@@ -66,8 +134,6 @@ GATE_UP_MMA = r"""
   // piece and of its B values; scratch, x as floats while it is staged, then the row sums
   // [round of the batch][warp][gate, up][row]; lane_slot, each lane's B slot (-1: its B is zero).
   constexpr int SCR = (D > RB * W * 2 * 16) ? D : RB * W * 2 * 16;
-  constexpr int BS16 = ((D / 16) * SLOTS + 1) / 2;
-  constexpr int XS16 = (2 * GPR * P + 3) / 4;
   FM_RING(uint4, fm_smem, BS16 + XS16 + SCR / 4 + 8);
   FM_TG uint2* bs = (FM_TG uint2*)fm_smem;
   FM_TG float* xsums = (FM_TG float*)(fm_smem + BS16);
@@ -150,12 +216,29 @@ GATE_UP_MMA = r"""
     }
   }
 
+#if FM_XB
+  {  // x staged once per token by fm_stage_x_mma: a straight copy, all loads issued first
+    constexpr int CPT = (BS16 + XS16 + W * 32 - 1) / (W * 32);
+    uint4 cp[CPT];
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int t = fm_tid + i * W * 32;
+      if (t < BS16 + XS16) {
+        cp[i] = ((const FM_DEVICE uint4*)xb)[n * (BS16 + XS16) + t];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int t = fm_tid + i * W * 32;
+      if (t < BS16 + XS16) {
+        fm_smem[t] = cp[i];
+      }
+    }
+  }
+#else
   // Staging, with every global load of a thread issued before any is waited for (each would
-  // otherwise cost a memory latency): x into scratch; xmap, which names each B value's source
-  // (launch.mma_x_map, from the target's lane layout: element << 4 | piece << 2 | field place
-  // f, or -1 for a zero), into registers.
+  // otherwise cost a memory latency): x into scratch, xmap into registers.
   constexpr int XPT = (D + W * 32 - 1) / (W * 32);
-  constexpr int ENT = (D / 16) * SLOTS;
   constexpr int EPT = (ENT + W * 32 - 1) / (W * 32);
   float xr[XPT];
 #pragma unroll
@@ -177,44 +260,26 @@ GATE_UP_MMA = r"""
     }
   }
   FM_BARRIER();
+#define FM_X(el) scratch[(el)]
 #pragma unroll
   for (int i = 0; i < EPT; ++i) {  // x as B fragments: [tile][slot]
     const int e = fm_tid + i * W * 32;
-    const int codes[4] = {cr[i].x, cr[i].y, cr[i].z, cr[i].w};
-    uint32_t hv[4];
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      const int code = codes[v];
-      float val = 0.0f;
-      if (code >= 0) {
-        val = fm_bf16_piece(scratch[code >> 4], (code >> 2) & 3) * (1.0f / float(1u << (BITS * (code & 3))));
-      }
-      hv[v] = fm_bf16_bits(val);
-    }
-    if (e < ENT) {
+    const int4 code4 = cr[i];
+""" + B_ENTRY + r"""    if (e < ENT) {
       uint2 ent;
-      ent.x = hv[0] | (hv[1] << 16);
-      ent.y = hv[2] | (hv[3] << 16);
+      ent.x = ent_lo;
+      ent.y = ent_hi;
       bs[e] = ent;
     }
   }
   for (int c = fm_warp; c < GPR * P; c += W) {  // (warp-uniform: lane sums)
-    const int g = c / P;
-    float plain = 0.0f;
-    float scaled = 0.0f;
-    for (int i = fm_lane; i < GS; i += 32) {
-      const int el = g * GS + i;
-      const float v = fm_bf16_piece(scratch[el], c % P);
-      plain += v;
-      scaled += v * (1.0f / float(1u << (BITS * (((el % PACK) % HP) % F))));
-    }
-    plain = fm_lane_sum<32>(plain);
-    scaled = fm_lane_sum<32>(scaled);
-    if (fm_lane == 0) {
+""" + XSUM_COMBO + r"""    if (fm_lane == 0) {
       xsums[2 * c] = plain;
       xsums[2 * c + 1] = scaled;
     }
   }
+#undef FM_X
+#endif
   FM_BARRIER();
   const int slot = lane_slot[fm_lane];
 

@@ -287,7 +287,7 @@ _CTYPE = {mx.float32: "float", mx.bfloat16: "fmsim::bf16", mx.float16: "fmsim::f
 _NP_STORAGE = {mx.float32: np.float32, mx.bfloat16: np.uint16, mx.float16: np.float16,
                mx.uint32: np.uint32, mx.int32: np.int32}
 _POISON_BITS = {mx.float32: np.float32(np.nan), mx.bfloat16: np.uint16(0x7FC0),
-                mx.float16: np.float16(np.nan)}
+                mx.float16: np.float16(np.nan), mx.uint32: np.uint32(0x7FC00000)}  # (a float NaN's bits)
 
 
 def translation_unit(plan: Plan, layout: str = "cuda") -> str:
