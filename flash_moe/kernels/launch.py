@@ -637,10 +637,10 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
     """Launch plans, run in order, for gate/up + SwiGLU, down + routing weights + k-way sum.
 
     Versions 1, 2 and 6: two plans (gate/up into h, then down; v6 with XB: a staging plan
-    first); a plan's ``ArraySpec`` input is a placeholder for the previous plan's output. Version 4: one plan whose output is a float32
-    accumulator (``expert_mlp`` casts it). ``combine`` = (shared_out, shared_gate, residual)
-    fuses ``moe_combine`` into the down launch of v1, v2 and v6, and adds it as a last launch to v4's
-    (it casts the sum back). ``inds`` must be int32. ``version`` picks the projection kernels
+    first); a plan's ``ArraySpec`` input is a placeholder for the previous plan's output.
+    Version 4: one plan whose output is a float32 accumulator (``expert_mlp`` casts it).
+    ``combine`` = (shared_out, shared_gate, residual) fuses ``moe_combine`` into the down launch
+    of v1, v2 and v6, and adds it as a last launch to v4's (it casts the sum back). ``inds`` must be int32. ``version`` picks the projection kernels
     (default ``default_version``). ``out_dtype`` (without a combine): what v1's and v2's down
     kernel writes (default x's dtype; v4 and v5 always write a float32 sum).
     """

@@ -22,6 +22,8 @@ scale applies to the column after the product. CS = 2 puts the used columns on e
 spreading the per-group work over more lanes.
 """
 
+from .sources_prefetch import GATE_UP_ROWS, HINT_ROWS
+
 # Shapes shared by the gate/up kernel and its x staging (template ints BITS, GS, D, P, CS).
 MMA_CONSTANTS = r"""
   constexpr int PACK = 32 / BITS;     // fields per uint32 word
@@ -119,7 +121,6 @@ GATE_UP_MMA = r"""
   constexpr int WR = W / S;           // items per round
   constexpr int ROUNDS = (RUN + WR - 1) / WR;
   constexpr int RB = (ROUNDS < RBM) ? ROUNDS : RBM;  // rounds whose row sums wait for one barrier
-  constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
   const int n = fm_tg / G;
   const int it0 = (fm_tg % G) * RUN;
@@ -154,11 +155,7 @@ GATE_UP_MMA = r"""
     cpiece[c] = cused[c] ? (nn / CS) / NG : 0;
   }
 
-#define FM_WEIGHT_ROW(pr) (int64_t(inds[n * K + (pr) / I]) * I + (pr) % I)
-#define FM_STORE_H(pr, v)                                                              \
-  h[int64_t(n * K + (pr) / I) * I + fm_lane_major4<EPL, LPR_H>((pr) % I)] =            \
-      (v) * fm_pos_scale<BITS>(((pr) % I) % EPL)
-  uint4 qw[PD][4];         // ring: [gate row fr, gate row fr + 8, up fr, up fr + 8]
+""" + GATE_UP_ROWS + r"""  uint4 qw[PD][4];         // ring: [gate row fr, gate row fr + 8, up fr, up fr + 8]
   ST qs[PD][NC][2][4];     // ring: [column][row][sg, bg, su, bu]
 #define FM_MMA_LOAD(item, b, s)                                            \
   {                                                                        \
@@ -182,26 +179,14 @@ GATE_UP_MMA = r"""
   // L2 hints (PF): 0 none; 1-15 the item PF rounds ahead of each warp's (by its first k-split's
   // warp); 16 the threadgroup's whole run at the start. An item is 16 rows of one expert: one
   // contiguous range in each of the six arrays.
-#define FM_HINT_ARRAY(it, a)                                                       \
-  {                                                                                \
-    const int64_t wrow = FM_WEIGHT_ROW((it0 + (it)) * 16);                         \
-    switch (a) {                                                                   \
-      case 0: FM_PREFETCH_L2(wg + wrow * WPR, 16 * WPR * 4); break;                \
-      case 1: FM_PREFETCH_L2(wu + wrow * WPR, 16 * WPR * 4); break;                \
-      case 2: FM_PREFETCH_L2(sg + wrow * GPR, 16 * GPR * sizeof(ST)); break;       \
-      case 3: FM_PREFETCH_L2(bg + wrow * GPR, 16 * GPR * sizeof(ST)); break;       \
-      case 4: FM_PREFETCH_L2(su + wrow * GPR, 16 * GPR * sizeof(ST)); break;       \
-      case 5: FM_PREFETCH_L2(bu + wrow * GPR, 16 * GPR * sizeof(ST)); break;       \
-      default: break;                                                              \
-    }                                                                              \
-  }
+""" + HINT_ROWS + r"""#define FM_HINT_ARRAY(it, a) FM_HINT_ROWS((a), FM_WEIGHT_ROW((it0 + (it)) * 16), 16)
 #define FM_HINT_AHEAD(it)                                        \
   if (PF > 0 && PF < 16 && ks == 0 && fm_lane < 6 && (it) < ITEMS) { \
-    FM_HINT_ARRAY((it), fm_lane)                                 \
+    FM_HINT_ARRAY((it), fm_lane);                                \
   }
   if (PF == 16) {
     for (int q = fm_tid; q < 6 * ITEMS; q += W * 32) {
-      FM_HINT_ARRAY(q / 6, q % 6)
+      FM_HINT_ARRAY(q / 6, q % 6);
     }
   }
 
@@ -377,6 +362,7 @@ GATE_UP_MMA = r"""
     item = next;
   }
 #undef FM_MMA_LOAD
+#undef FM_HINT_ROWS
 #undef FM_HINT_ARRAY
 #undef FM_HINT_AHEAD
 #undef FM_WEIGHT_ROW

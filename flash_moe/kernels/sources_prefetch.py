@@ -69,15 +69,19 @@ STAGE_X4 = r"""  for (int t = fm_tid; t < D / 4; t += W * 32) {
   }
 """ + STAGE_XSUM
 
-# L2 hints of the gate/up kernels (template int PF): 0 none; 1-15 each warp keeps the rows of its
-# PF next items on their way to L2 (one hint per array and item, from lanes 0-5); 16 (PF_RUN) the
-# threadgroup hints its whole run at the start (one hint per array and expert it touches). A hint
-# holds no registers while the bytes are in flight and changes no result; FM_PREFETCH_L2 is a bulk
-# L2 prefetch on CUDA sm_90 and nothing where the target has none (Metal). An item is R * SUB
-# consecutive rows of one expert, so each array's part of it is one contiguous range. Needs
-# FM_WEIGHT_ROW (as the item loads) and it0 (the threadgroup's first item).
-GATE_UP_L2_HINTS = r"""  constexpr int PF_RUN = 16;
-#define FM_HINT_ROWS(a, wrow, rows)                                              \
+# Where a gate/up kernel reads row pr of a token's K*I rows (its row in the stacked weights) and
+# writes that row's silu(g) * u: h, lane-major and pre-scaled for the down kernel (same BITS).
+# Shared by v2 and v6; needs n, K, I, EPL, BITS.
+GATE_UP_ROWS = r"""  constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
+#define FM_WEIGHT_ROW(pr) (int64_t(inds[n * K + (pr) / I]) * I + (pr) % I)
+#define FM_STORE_H(pr, v)                                                              \
+  h[int64_t(n * K + (pr) / I) * I + fm_lane_major4<EPL, LPR_H>((pr) % I)] =            \
+      (v) * fm_pos_scale<BITS>(((pr) % I) % EPL)
+"""
+
+# FM_HINT_ROWS(a, wrow, rows): an L2 hint of rows [wrow, wrow + rows) of gate/up array a (0-5:
+# wg, wu, sg, bg, su, bu); needs WPR, GPR, ST. Shared by v2 and v6.
+HINT_ROWS = r"""#define FM_HINT_ROWS(a, wrow, rows)                                              \
   switch (a) {                                                                   \
     case 0: FM_PREFETCH_L2(wg + (wrow) * WPR, (rows) * WPR * 4); break;          \
     case 1: FM_PREFETCH_L2(wu + (wrow) * WPR, (rows) * WPR * 4); break;          \
@@ -87,7 +91,17 @@ GATE_UP_L2_HINTS = r"""  constexpr int PF_RUN = 16;
     case 5: FM_PREFETCH_L2(bu + (wrow) * GPR, (rows) * GPR * sizeof(ST)); break; \
     default: break;                                                              \
   }
-#define FM_HINT_ITEM(it, a) FM_HINT_ROWS((a), FM_WEIGHT_ROW((it0 + (it)) * R * SUB), R * SUB)
+"""
+
+# L2 hints of the gate/up kernels (template int PF): 0 none; 1-15 each warp keeps the rows of its
+# PF next items on their way to L2 (one hint per array and item, from lanes 0-5); 16 (PF_RUN) the
+# threadgroup hints its whole run at the start (one hint per array and expert it touches). A hint
+# holds no registers while the bytes are in flight and changes no result; FM_PREFETCH_L2 is a bulk
+# L2 prefetch on CUDA sm_90 and nothing where the target has none (Metal). An item is R * SUB
+# consecutive rows of one expert, so each array's part of it is one contiguous range. Needs
+# FM_WEIGHT_ROW (as the item loads) and it0 (the threadgroup's first item).
+GATE_UP_L2_HINTS = r"""  constexpr int PF_RUN = 16;
+""" + HINT_ROWS + r"""#define FM_HINT_ITEM(it, a) FM_HINT_ROWS((a), FM_WEIGHT_ROW((it0 + (it)) * R * SUB), R * SUB)
 #define FM_HINT_AHEAD(next)                                                \
   if (PF > 0 && PF < PF_RUN && fm_lane < 6 && (next) + PF * W < ITEMS) {  \
     FM_HINT_ITEM((next) + PF * W, fm_lane);                                \
@@ -179,7 +193,6 @@ GATE_UP_PF = r"""
   constexpr int E4 = EPL / 4;
   constexpr int NI = K * I / (R * SUB);  // items per token
   constexpr int RUN = (NI + G - 1) / G;  // items per threadgroup (fewer in the last ones)
-  constexpr int LPR_H = (I / EPL < 32) ? I / EPL : 32;
   const int n = fm_tg / G;
   const int it0 = (fm_tg % G) * RUN;
   const int ITEMS = (NI - it0 < RUN) ? NI - it0 : RUN;  // this threadgroup's items
@@ -187,11 +200,7 @@ GATE_UP_PF = r"""
   FM_SHARED float4 xs[D / 4];  // this token's x', lane-major
   FM_SHARED float xsum[D / EPL];  // plain sum of every lane chunk of x (for the biases)
 #define FM_ITEM_ROW(item, r) (((it0 + (item)) * R + (r)) * SUB + sub)  // of the token's K*I rows
-#define FM_WEIGHT_ROW(pr) (int64_t(inds[n * K + (pr) / I]) * I + (pr) % I)
-#define FM_STORE_H(pr, v)                                                              \
-  h[int64_t(n * K + (pr) / I) * I + fm_lane_major4<EPL, LPR_H>((pr) % I)] =            \
-      (v) * fm_pos_scale<BITS>(((pr) % I) % EPL)
-""" + GATE_UP_ITEM_LOADS + r"""
+""" + GATE_UP_ROWS + GATE_UP_ITEM_LOADS + r"""
   int item = fm_warp;  // this warp's next item, counted inside the threadgroup
   if (DB && item < ITEMS) {  // the first loads fly while x is staged
     FM_LOAD_ITEM(item)

@@ -167,42 +167,6 @@ thread_local MmaLane* mma_buf = nullptr;
 inline float bf16_half(uint32_t reg, int hi) {
   return as_float(hi ? (reg & 0xFFFF0000u) : (reg << 16));
 }
-}  // namespace fmsim
-"""
-
-MMA_EMULATION = r"""
-namespace fmsim {
-inline void mma(float* c, const uint32_t* a, const uint32_t* b) {
-  const int lane = tid & 31;
-  for (int i = 0; i < 4; ++i) mma_buf[lane].a[i] = a[i];
-  for (int i = 0; i < 2; ++i) mma_buf[lane].b[i] = b[i];
-  warp_barrier->arrive_and_wait();
-  float A[16][16], B[16][8];
-  for (int l = 0; l < 32; ++l) {
-    const int fr = FM_MMA_FR(l), fc = FM_MMA_FC(l);
-    for (int i = 0; i < 4; ++i) {  // a[i]: rows fr (+ 8 for odd i), columns fc (+ 8 for i >= 2)
-      for (int hi = 0; hi < 2; ++hi) {
-        A[fr + 8 * (i & 1)][fc + 8 * (i >> 1) + hi] = bf16_half(mma_buf[l].a[i], hi);
-      }
-    }
-    for (int v = 0; v < 4; ++v) {
-      B[FM_MMA_BK(l, v)][FM_MMA_BN(l, v)] = bf16_half(mma_buf[l].b[v >> 1], v & 1);
-    }
-  }
-  const int fr = FM_MMA_FR(lane), fc = FM_MMA_FC(lane);
-  for (int i = 0; i < 4; ++i) {  // c[i]: row fr (+ 8 for i >= 2), column fc (+ 1 for odd i)
-    const int m = fr + 8 * (i >> 1), nn = fc + (i & 1);
-    float acc = c[i];
-    for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][nn];
-    c[i] = acc;
-  }
-  warp_barrier->arrive_and_wait();
-}
-}  // namespace fmsim
-"""
-
-_PRELUDE_TAIL = r"""
-namespace fmsim {
 inline float shfl_xor(float v, int m) {
   const int lane = tid & 31;
   shfl_buf[lane] = v;
@@ -233,6 +197,38 @@ inline float shfl_xor(float v, int m) {
 #define FM_PREFETCH_L2(p, bytes) fmsim::prefetch_l2((const void*)(p), (unsigned long long)(bytes))
 #define FM_AS_UINT(f) fmsim::as_uint(f)
 #define FM_MMA(c, a, b) fmsim::mma((c), (a), (b))
+"""
+
+# FM_MMA, built after the lane layout the translation unit picks (codegen.MMA_LAYOUTS).
+MMA_EMULATION = r"""
+namespace fmsim {
+inline void mma(float* c, const uint32_t* a, const uint32_t* b) {
+  const int lane = tid & 31;
+  for (int i = 0; i < 4; ++i) mma_buf[lane].a[i] = a[i];
+  for (int i = 0; i < 2; ++i) mma_buf[lane].b[i] = b[i];
+  warp_barrier->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int fr = FM_MMA_FR(l), fc = FM_MMA_FC(l);
+    for (int i = 0; i < 4; ++i) {  // a[i]: rows fr (+ 8 for odd i), columns fc (+ 8 for i >= 2)
+      for (int hi = 0; hi < 2; ++hi) {
+        A[fr + 8 * (i & 1)][fc + 8 * (i >> 1) + hi] = bf16_half(mma_buf[l].a[i], hi);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      B[FM_MMA_BK(l, v)][FM_MMA_BN(l, v)] = bf16_half(mma_buf[l].b[v >> 1], v & 1);
+    }
+  }
+  const int fr = FM_MMA_FR(lane), fc = FM_MMA_FC(lane);
+  for (int i = 0; i < 4; ++i) {  // c[i]: row fr (+ 8 for i >= 2), column fc (+ 1 for odd i)
+    const int m = fr + 8 * (i >> 1), nn = fc + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][nn];
+    c[i] = acc;
+  }
+  warp_barrier->arrive_and_wait();
+}
+}  // namespace fmsim
 """
 
 BODY_PRELUDE = r"""
@@ -299,7 +295,7 @@ def translation_unit(plan: Plan, layout: str = "cuda") -> str:
     n_in = len(spec.inputs)
     args = [f"({_CTYPE[a.dtype]} const*)args[{i}]" for i, a in enumerate(plan.inputs)]
     args += [f"({_CTYPE[d]}*)args[{n_in + i}]" for i, d in enumerate(plan.out_dtypes)]
-    return (PRELUDE + _PRELUDE_TAIL + codegen.MMA_LAYOUTS[layout] + MMA_EMULATION + defs + sources.HELPERS
+    return (PRELUDE + codegen.MMA_LAYOUTS[layout] + MMA_EMULATION + defs + sources.HELPERS
             + "static void fm_kernel(" + ", ".join(params) + ") {\n" + "\n".join(consts) + "\n"
             + BODY_PRELUDE + spec.body + "\n}\n"
             + LAUNCHER.replace("ARGS", ", ".join(args)))
