@@ -304,7 +304,7 @@ def test_cuda_dequantization_takes_one_lop3_per_element(monkeypatch):
     """The CUDA prelude's FM_AND_OR is one instruction where the plain (w & mask) | magic is
     two: the 4-bit gate/up kernel at the real shapes (256 weight elements a lane and item) has
     about 256 fewer machine instructions with it (static count of the sm_90 cubin)."""
-    label = "v2_gate_up_pf_D4096_I1024_b4_g64_N1_K10_float32_bfloat16"
+    label = "v2_gate_up_pf_dh_D4096_I1024_b4_g64_N1_K10_float32_bfloat16"  # (the default: DH 9)
     fused = check.count_sass(label)[label]
     plain = codegen.CUDA_MACROS.replace("#define FM_AND_OR(a, b, c) fm_and_or((a), (b), (c))",
                                         "#define FM_AND_OR(a, b, c) (((a) & (b)) | (c))")
@@ -439,6 +439,35 @@ def test_simulated_l2_hints_cover_the_rows_read(pf, tgs, db, monkeypatch):
 
 
 @needs_cxx
+@pytest.mark.parametrize("dh, tgs", [(1, 2), (5, 2), (9, 2), (9, 10), (3, 22)])
+def test_simulated_gate_up_hints_down_rows(dh, tgs, monkeypatch):
+    """With DH, v2's gate/up also hints down's rows into L2: every row of each token's experts
+    (weights, scales, biases) once the warps got there, whatever the threadgroup count (22 leaves
+    warps without items), and the result does not change. Metal has no hint: the plain kernel."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_pf", {"R": 2, "W": 2, "tgs": tgs, "DH": dh})
+    monkeypatch.setitem(launch.TUNING, "down_pf", {"R": 2, "tgs": 2})
+    U, H, I, N, K, bits = 6, 256, 128, 2, 3, 4
+    w = make_experts(U, H, I, bits, 64, mx.bfloat16, seed=7)
+    x = mx.random.normal((N, H))
+    inds = mx.array(np.array([[4, 1, 5], [1, 0, 3]], dtype=np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
+    assert launch.plan_expert_mlp("metal", x, w, inds, scores, version=2)[0].spec.name == "gate_up_pf"
+    gate_up, down = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=2)
+    assert gate_up.spec.name == "gate_up_pf_dh" and gate_up.template["DH"] == dh
+    hints = []
+    (h,) = simt.simulate(gate_up, hints)
+    down.inputs[0] = h
+    (y,) = simt.simulate(down)
+    assert rel(y.astype(x.dtype), np_expert_mlp(x, w, inds, scores)) < 1e-5
+    experts = sorted(set(np.array(inds).ravel().tolist()))
+    for name, arr in (("wd", w.down.weight), ("sd", w.down.scales), ("bd", w.down.biases)):
+        row_bytes = arr.nbytes // (U * H)
+        want = _merged([(e * H * row_bytes, (e + 1) * H * row_bytes) for e in experts])
+        assert _merged([(a, b) for n_, a, b in hints if n_ == name]) == want, name
+    assert not [n_ for n_, _, _ in hints if n_ not in ("wd", "sd", "bd")]  # (PF is 0)
+
+
+@needs_cxx
 @pytest.mark.parametrize("bits, gs, H, I, N, K, xdt, sdt", [
     (4, 64, 64, 64, 1, 2, mx.float32, mx.float32),       # the tiny model: 2 lanes per row
     (4, 64, 64, 64, 1, 1, mx.float32, mx.float32),       # k=1: 64 rows summed by 32 threads
@@ -561,9 +590,10 @@ def test_matrix_unit_kernel_falls_back_where_it_does_not_apply():
     cases = [(make_experts(3, 512, 64, 8, 64), x16), (make_experts(3, 512, 64, 2, 64), x32)]
     for w, x in cases:
         plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=6)
-        assert plans is not None and plans[0].spec.name == "gate_up_pf"
+        assert plans is not None and plans[0].spec.name in ("gate_up_pf", "gate_up_pf_dh")
     w = make_experts(3, 512, 64, 4, 64)
-    assert launch.plan_expert_mlp("cuda", x16, w, inds, scores, version=6)[0].spec.name == "gate_up_mma"
+    plans = launch.plan_expert_mlp("cuda", x16, w, inds, scores, version=6)
+    assert [p.spec.name for p in plans] == ["stage_x_mma", "gate_up_mma_xb", "down_pf"]  # (XB by default)
     # the B slots the planner sizes threadgroup memory with are the kernel's
     assert [launch.mma_b_slots(t, 2, 1) for t in ("cuda", "metal")] == [8, 8]
     assert [launch.mma_b_slots(t, 2, 2) for t in ("cuda", "metal")] == [8, 16]
@@ -571,10 +601,13 @@ def test_matrix_unit_kernel_falls_back_where_it_does_not_apply():
 
 def test_two_launch_kernels_write_the_asked_dtype():
     """The MoE layer asks for the routed sum in float32: v1's and v2's down kernel writes it
-    directly (no cast launch after it); the default for every token count is v2."""
+    directly (no cast launch after it); the default for every token count is v2, except one
+    2-bit token on CUDA (v6, matrix units)."""
     w = make_experts(4, 64, 64, 4, 64, seed=2)
     x, inds, scores = mx.random.normal((1, 64)).astype(mx.bfloat16), mx.array([[0, 1]], dtype=mx.int32), mx.ones((1, 2))
-    assert launch.default_version(1) == launch.default_version(8) == 2 or launch.PROJECTION_VERSION != "auto"
+    if launch.PROJECTION_VERSION == "auto":
+        assert launch.default_version(1) == launch.default_version(8) == launch.default_version(8, 2) == 2
+        assert launch.default_version(1, 2, "cuda") == 6 and launch.default_version(1, 2, "metal") == 2
     for version in (1, 2):
         plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=version, out_dtype=mx.float32)
         assert plans[-1].out_dtypes == [mx.float32] and plans[-1].template["OutT"] == mx.float32

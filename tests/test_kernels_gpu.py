@@ -95,12 +95,16 @@ def test_expert_mlp(bits, k, N, xdt, projection_version):
     (dict(R=1, W=12, tgs=0, DB=1, PF=2), dict(R=1, tgs=256, PF=0)),
     (dict(R=1, W=16, tgs=264, DB=0, PF=16), dict(R=2, tgs=128, PF=1)),  # no double buffer
     (dict(R=2, W=8, tgs=528, DB=0, PF=4), dict(R=1, tgs=512, PF=1)),
-], ids=["hints-run", "hints-ahead", "single-buffer-run", "single-buffer-ahead"])
+    (dict(R=1, W=12, tgs=0, DB=1, PF=0, DH=1), dict(R=1, tgs=256, PF=0)),  # gate/up hints down's rows
+    (dict(R=1, W=12, tgs=0, DB=1, PF=0, DH=9), dict(R=1, tgs=256, PF=0)),
+], ids=["hints-run", "hints-ahead", "single-buffer-run", "single-buffer-ahead", "down-hints-start",
+        "down-hints-end"])
 @pytest.mark.parametrize("bits, N, dims", [(4, 1, (H, I)), (2, 4, (H, I)), (4, 3, (64, 64))],
                          ids=["b4-N1", "b2-N4", "b4-tiny"])
 def test_expert_mlp_v2_launch_variants(gate_up, down, bits, N, dims, monkeypatch):
-    """v2's launch variants (L2 hints, gate/up without its double buffer) give the same sums;
-    at the tiny shape a scale row is 2 bytes, shorter than a hint's 16-byte granule."""
+    """v2's launch variants (L2 hints, gate/up without its double buffer, gate/up hinting down's
+    rows) give the same sums; at the tiny shape a scale row is 2 bytes, shorter than a hint's
+    16-byte granule."""
     monkeypatch.setattr(launch, "PROJECTION_VERSION", 2)
     monkeypatch.setitem(launch.TUNING, "gate_up_pf", gate_up)
     monkeypatch.setitem(launch.TUNING, "down_pf", down)
@@ -109,7 +113,8 @@ def test_expert_mlp_v2_launch_variants(gate_up, down, bits, N, dims, monkeypatch
     x = mx.random.normal((N, dims[0]))
     inds, scores = routing(N, k, U, seed=N)
     plans = launch.plan_expert_mlp(K.active_backend(), x, w, inds, scores)
-    assert plans[0].spec.name == "gate_up_pf" and plans[0].template["DB"] == gate_up["DB"]
+    assert plans[0].spec.name == ("gate_up_pf_dh" if gate_up.get("DH") else "gate_up_pf")
+    assert plans[0].template["DB"] == gate_up["DB"]
     y = K.expert_mlp(x, w, inds, scores)
     ref = reference.expert_mlp(x, upcast(w), inds, scores)
     assert not mx.isnan(y).any().item()

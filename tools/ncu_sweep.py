@@ -1,11 +1,15 @@
 """Launch-shape sweep of the v2 expert kernels by GPU time, as a table (needs Nsight Compute).
 
-    python3 tools/ncu_sweep.py [--bits 4] --gate-up R,W,tgs[,DB[,PF]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB]]]] ...]
+    python3 tools/ncu_sweep.py [--bits 4] [--keep-l2] --gate-up R,W,tgs[,DB[,PF[,DH]]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB]]]] ...]
 
 Runs ``tools/profile_expert_mlp.py --sweep`` under ``ncu`` (boost clocks, L2 flushed before
 every kernel, as a decode step meets its weights) and prints, per launch shape, the median GPU
 time of each kernel, its DRAM bytes and throughput, registers a thread and achieved occupancy.
-The first row is the library's default shape (``launch.TUNING``).
+The first row is the library's default shape (``launch.TUNING``). ``--keep-l2`` leaves L2 as
+the previous kernel left it (for gate/up's hints of down's rows, DH; each call reads another copy
+of the records, so nothing else is warm) and collects GPU time alone: with several metrics ncu
+replays a kernel, and the replay finds the first pass's bytes in L2 (down then read 3 of its 24
+MB from DRAM with or without the hints, H200).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from math import nan
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +40,7 @@ def main() -> None:
     p.add_argument("--gate-up", nargs="*", default=[])
     p.add_argument("--down", nargs="*", default=[])
     p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF[,XB]]]] (XB: x staged per token, its launch counted in gate/up)")
+    p.add_argument("--keep-l2", action="store_true", help="do not flush L2 before each kernel")
     p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     p.add_argument("--best-json", type=Path, help="write the fastest gate/up and down shapes here, as JSON "
                    "for FLASH_MOE_TUNING")
@@ -43,7 +49,9 @@ def main() -> None:
         sys.exit("--gate-up and --down need as many shapes each")
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "ncu.csv"
-        cmd = [a.ncu, "--clock-control", "none", "--csv", "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(METRICS),
+        metrics = METRICS[:1] if a.keep_l2 else METRICS  # one metric: one pass, no replay
+        cmd = [a.ncu, "--clock-control", "none", "--cache-control", "none" if a.keep_l2 else "all", "--csv",
+               "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(metrics),
                "-k", "regex:gate_up_pf|gate_up_mma|stage_x_mma|down_pf", sys.executable, str(ROOT / "tools" / "profile_expert_mlp.py"),
                "--bits", str(a.bits), "--k", str(a.k), "--calls", str(a.calls), "--sweep",
                "--gate-up", *a.gate_up, "--down", *a.down, "--mma", *a.mma]
@@ -53,13 +61,13 @@ def main() -> None:
             sys.exit(f"ncu failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
         text = log.read_text()
         rows = list(csv.DictReader(io.StringIO(text[text.find('"ID"'):])))
-    best = report(rows, shapes, a.calls, a.bits, a.k)
+    best = report(rows, shapes, a.calls, a.bits, a.k, a.keep_l2)
     if a.best_json:
         a.best_json.write_text(json.dumps(best))
         print("fastest:", json.dumps(best))
 
 
-def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
+def report(rows, shapes, calls: int, bits: int, k: int, keep_l2: bool = False) -> dict:
     """Print the table (``shapes``: a [gate_up, down] pair of launch shapes per row); return the
     fastest shape of each kernel ({TUNING key: shape})."""
     kernels = {}  # (launch id, kernel) -> {metric: value}
@@ -76,10 +84,12 @@ def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
             staged = m
             continue
         if kind == "gate_up" and staged is not None:
-            m = dict(m, **{key: m[key] + staged[key] for key in ("gpu__time_duration.sum", "dram__bytes_read.sum")})
+            m = dict(m, **{key: m[key] + staged[key] for key in ("gpu__time_duration.sum", "dram__bytes_read.sum")
+                           if key in m})
             staged = None
         per_kind[kind].append(m)
-    print(f"{bits}-bit k={k}, {calls} calls a shape, median; L2 flushed before each kernel, boost clocks")
+    l2 = "L2 as the previous kernel left it" if keep_l2 else "L2 flushed before each kernel"
+    print(f"{bits}-bit k={k}, {calls} calls a shape, median; {l2}, boost clocks")
     print(f"{'gate_up / down shape':60s} {'gate_up us':>10s} {'down us':>8s} {'sum us':>7s} {'GB/s':>6s} "
           f"{'regs':>9s} {'occupancy %':>12s}")
     best = {}
@@ -88,7 +98,7 @@ def report(rows, shapes, calls: int, bits: int, k: int) -> dict:
         med = {}
         for kind in ("gate_up", "down"):
             ms = per_kind[kind][i * calls:(i + 1) * calls]
-            med[kind] = {k: statistics.median(m[k] for m in ms) for k in METRICS} if ms else None
+            med[kind] = {k: statistics.median(m.get(k, nan) for m in ms) for k in METRICS} if ms else None  # (nan: not collected)
         if not med["gate_up"] or not med["down"]:
             print(f"{shape:60s} (no profile)")
             continue

@@ -2,7 +2,7 @@
 
     ncu --set full python3 tools/profile_expert_mlp.py [--bits 4] [--k 10] [--calls 6]
     ncu --metrics gpu__time_duration.sum --csv python3 tools/profile_expert_mlp.py --sweep
-    python3 tools/ncu_sweep.py --gate-up 1,12,0 1,16,264,0,-1 --down 1,256 1,256,1   (a table)
+    python3 tools/ncu_sweep.py --gate-up 1,12,0 1,16,264,0,16 --down 1,256 1,256,1   (a table)
 
 Each call is evaluated alone (one graph per call), on a different copy of the records so that
 no call finds its weights in L2; the profiler sees the kernels as a decode step runs them.
@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=6)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--gate-up", nargs="*", default=None,
-                   help="R,W,threadgroups[,DB[,PF]] for the sweep (DB: double buffer, PF: L2 hints)")
+                   help="R,W,threadgroups[,DB[,PF[,DH]]] for the sweep (DB: double buffer, PF: L2 hints, "
+                   "DH: hints of down's rows)")
     p.add_argument("--down", nargs="*", default=None, help="R,threadgroups[,PF] (as many as --gate-up)")
     p.add_argument("--mma", nargs="*", default=None,
                    help="S,WR,PD,threadgroups[,CS[,RBM[,PF[,XB]]]]: v6 gate/up shapes to run too (default down)")
@@ -49,7 +50,7 @@ def main() -> None:
     mx.eval(x, inds, scores)
     shapes = [(dict(launch.TUNING["gate_up_pf"]), dict(launch.TUNING["down_pf"]))]
     if a.sweep:
-        shapes += [(dict(zip(("R", "W", "tgs", "DB", "PF"), g)), dict(zip(("R", "tgs", "PF"), d)))
+        shapes += [(dict(zip(("R", "W", "tgs", "DB", "PF", "DH"), g)), dict(zip(("R", "tgs", "PF"), d)))
                    for g, d in zip(gate_up_shapes, down_shapes)]
     default_down = dict(launch.TUNING["down_pf"])
     for m in a.mma or []:

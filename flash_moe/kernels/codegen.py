@@ -270,6 +270,15 @@ GATE_UP_PF = KernelSpec(
     body=sources_prefetch.GATE_UP_PF,
     template=("BITS", "GS", "D", "I", "K", "R", "W", "G", "DB", "PF", "XT", "ST"),
 )
+# v2's gate/up that also hints down's rows into L2 (DH; CUDA only: Metal has no such hint).
+GATE_UP_PF_DH = KernelSpec(
+    name="gate_up_pf_dh",
+    inputs=_PROJ_INPUTS + ("wd", "sd", "bd"),
+    outputs=("h",),
+    body=sources_prefetch.GATE_UP_PF,
+    template=GATE_UP_PF.template + ("DH",),
+    defines=(("FM_DOWN_HINT", "1"),),
+)
 DOWN_PF, DOWN_COMBINE_PF = _down_pair("_pf", sources_prefetch.DOWN_PF,
                                       ("BITS", "GS", "D", "O", "K", "R", "RPT", "PF", "ST", "RT", "OutT"))
 # v6: gate/up on the matrix units (down is v2's); each threadgroup stages x itself, or (XB) a
@@ -308,7 +317,8 @@ GATED_DELTA = KernelSpec(
     template=("B", "HK", "HV", "DK", "DV", "R", "W", "QT", "KT", "VT", "GT", "BT", "OutT"),
 )
 
-ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, DOWN_PF, DOWN_COMBINE_PF, GATE_UP_MMA,
+ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, GATE_UP_PF_DH, DOWN_PF, DOWN_COMBINE_PF,
+                                     GATE_UP_MMA,
                                      GATE_UP_MMA_XB, STAGE_X_MMA,
                                      EXPERT_MLP_SK, EXPERT_MLP_SKA, COMBINE, GATED_DELTA)
 

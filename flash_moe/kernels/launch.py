@@ -37,16 +37,19 @@ TUNING: Dict[str, Dict[str, int]] = {
     # x per SM (Nsight Compute on an H200, 4-bit k=10: 25.9 us against 29.6 for R1 W4 256).
     # DB: 1 double-buffers gate/up's items (0: half the registers); PF: L2 hints (gate/up: 1-15
     # items ahead, 16 the threadgroup's whole run; down: nonzero). Neither beat these defaults
-    # on the H200 (KERNELS_NOTES.md, Run 10).
-    "gate_up_pf": {"R": 1, "W": 12, "tgs": 0, "DB": 1, "PF": 0},
+    # on the H200 (KERNELS_NOTES.md, Run 10). DH: gate/up hints down's rows into L2 once each
+    # warp has done (DH - 1) / 8 of its items (0: no hints; CUDA only). 9, after its last item:
+    # down 12.0-12.4 us against 13.8-14.4, gate/up unchanged within noise (H200, 4-bit, Run 12).
+    "gate_up_pf": {"R": 1, "W": 12, "tgs": 0, "DB": 1, "PF": 0, "DH": 9},
     "down_pf": {"R": 1, "tgs": 256, "PF": 0},
     # v6 (gate/up on the matrix units; down is v2's). S: warps that split a row's blocks; WR:
     # items (16 rows) a threadgroup works on at once (W = S * WR warps); PD: blocks each warp has
     # in flight; tgs as v2's; CS: 2 spreads the used B columns over more lanes (1 where the
     # staged x would not fit threadgroup memory); RBM: rounds whose sums wait for one barrier;
     # PF: L2 hints (1-15 rounds ahead, 16 the whole run); XB: 1 stages x once per token in a
-    # launch of its own instead of in every threadgroup (not measured yet).
-    "gate_up_mma": {"S": 16, "WR": 1, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 0, "XB": 0},
+    # launch of its own instead of in every threadgroup (H200, 2 bits: gate/up 19.6 us against
+    # 23.6 without; KERNELS_NOTES.md, Run 12).
+    "gate_up_mma": {"S": 8, "WR": 2, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 1, "XB": 1},
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
     "expert_mlp_sk": {"C": 64, "W": 4, "R": 1, "RD": 2},
@@ -87,7 +90,8 @@ if os.environ.get("FLASH_MOE_TUNING"):
 # Which projection kernels run: 1 (the fallback for shapes the others do not cover), 2
 # (prefetching, two launches), 4 (split-K in one launch with an atomic sum, not bit-reproducible
 # from run to run), 5 (4 with asynchronously staged weights), 6 (gate/up on the matrix units, then
-# v2's down; at 4 bits 10% slower than v2 on the H200, Run 11), or "auto" (the default): 2. Timed
+# v2's down; at 4 bits 10% slower than v2 on the H200, Runs 11-12), or "auto" (the default): 2,
+# and 6 for one 2-bit token on CUDA (``default_version``). Timed
 # one call after the other, as a decode's layers run, v2 is the fastest at every measured size
 # on the H100 (4-bit k=10: 61-68 us per call against 90-95 for v4, 82-83 for v5; GPU time alone,
 # CUPTI: 43.6 / 65.0 / 57.2 us); v4 only looked faster when independent calls overlapped on the
@@ -95,10 +99,16 @@ if os.environ.get("FLASH_MOE_TUNING"):
 PROJECTION_VERSION = os.environ.get("FLASH_MOE_PROJECTION", "auto")
 
 
-def default_version(tokens: int) -> int:
-    """The projection kernels used for ``tokens`` rows when the caller names no version."""
+def default_version(tokens: int, bits: int = 4, target: str = "cuda") -> int:
+    """The projection kernels used for ``tokens`` rows of ``bits``-bit experts on ``target``
+    when the caller names no version."""
     if str(PROJECTION_VERSION) != "auto":
         return int(PROJECTION_VERSION)
+    # One 2-bit token on CUDA: v6 with x staged once per token (H200, Run 12: 31.4 us of GPU
+    # time against v2's 35.3-36.0; at 4 bits v2 stays ahead, 22.3-23.1 against 24.8-26.0 for
+    # gate/up). Metal: v2 (v6 does not fit 32 KB of threadgroup memory at hidden 4096).
+    if tokens == 1 and bits == 2 and target == "cuda":
+        return 6
     return 2
 
 # Per-bits overrides of TUNING, keyed (kernel, bits); the benchmark's autotune fills them.
@@ -383,9 +393,10 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     Rd = _rows_per_warp(D, sub_i, td["R"])
     if R is None or Rd is None:
         return None
-    db, pf, pf_down = tg.get("DB", 1), tg.get("PF", 0), td.get("PF", 0)  # (shapes set by hand may omit them)
-    if not (0 <= pf <= 16 and db in (0, 1) and pf_down >= 0):
-        raise ValueError(f"v2 launch shapes out of range (PF 0-16, DB 0 or 1): gate_up_pf {tg}, down_pf {td}")
+    # (shapes set by hand may omit them)
+    db, pf, dh, pf_down = tg.get("DB", 1), tg.get("PF", 0), tg.get("DH", 0), td.get("PF", 0)
+    if not (0 <= pf <= 16 and db in (0, 1) and 0 <= dh <= 9 and pf_down >= 0):
+        raise ValueError(f"v2 launch shapes out of range (PF 0-16, DB 0 or 1, DH 0-9): gate_up_pf {tg}, down_pf {td}")
     items = K * I // (R * sub_d)
     # G need not divide the items (a grid that fills the GPU in one wave can beat a divisor);
     # every threadgroup gets items
@@ -395,13 +406,13 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     W = tg["W"]
     while W > 1 and W > run:  # no idle warps
         W //= 2
-    gate_up = Plan(
-        codegen.GATE_UP_PF,
-        _gate_up_inputs(x, w, inds),
-        dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=db, PF=pf, XT=x.dtype,
-             ST=w.gate.scales.dtype),
-        N * G, W * 32, [(N * K, I)], [mx.float32],
-    )
+    template = dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=db, PF=pf, XT=x.dtype, ST=w.gate.scales.dtype)
+    if dh and target == "cuda":  # gate/up also hints down's rows into L2 (no such hint on Metal)
+        gate_up = Plan(codegen.GATE_UP_PF_DH, _gate_up_inputs(x, w, inds) + [w.down.weight, w.down.scales,
+                       w.down.biases], dict(template, DH=dh), N * G, W * 32, [(N * K, I)], [mx.float32])
+    else:
+        gate_up = Plan(codegen.GATE_UP_PF, _gate_up_inputs(x, w, inds), template, N * G, W * 32,
+                       [(N * K, I)], [mx.float32])
     down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
     return None if down is None else (gate_up, down)
 
@@ -669,7 +680,7 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
         return None
 
     sub_d, sub_i = 32 // lpr_d, 32 // lay_i[1]
-    version = default_version(N) if version is None else version
+    version = default_version(N, w.bits, target) if version is None else version
     plans = None
     if version == 5:
         plans = _plan_v5(target, x, w, inds, scores, N, D, I, K, sub_d)
@@ -723,7 +734,7 @@ def expert_mlp(target: str, x: mx.array, w: ExpertWeights, inds: mx.array, score
         arrays.update({pname + ".weight": p.weight, pname + ".scales": p.scales, pname + ".biases": p.biases})
     if combine is not None:
         arrays.update(shared_out=combine[0], shared_gate=combine[1], residual=combine[2])
-    version = default_version(x.shape[0]) if version is None else version
+    version = default_version(x.shape[0], w.bits, target) if version is None else version
 
     def make_plans(a: Dict[str, Arg]):
         sw = ExpertWeights(*(Projection(a[n + ".weight"], a[n + ".scales"], a[n + ".biases"])

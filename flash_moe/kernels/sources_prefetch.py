@@ -103,8 +103,11 @@ HINT_ROWS = r"""#define FM_HINT_ROWS(a, wrow, rows)                             
 GATE_UP_L2_HINTS = r"""  constexpr int PF_RUN = 16;
 """ + HINT_ROWS + r"""#define FM_HINT_ITEM(it, a) FM_HINT_ROWS((a), FM_WEIGHT_ROW((it0 + (it)) * R * SUB), R * SUB)
 #define FM_HINT_AHEAD(next)                                                \
-  if (PF > 0 && PF < PF_RUN && fm_lane < 6 && (next) + PF * W < ITEMS) {  \
-    FM_HINT_ITEM((next) + PF * W, fm_lane);                                \
+  {                                                                        \
+    if (PF > 0 && PF < PF_RUN && fm_lane < 6 && (next) + PF * W < ITEMS) { \
+      FM_HINT_ITEM((next) + PF * W, fm_lane);                              \
+    }                                                                      \
+    FM_DOWN_HINT_STEP();                                                   \
   }
   if (PF > 0 && PF < PF_RUN) {  // this warp's next PF items (its first is being loaded directly)
     for (int q = fm_lane; q < 6 * PF; q += 32) {
@@ -124,6 +127,44 @@ GATE_UP_L2_HINTS = r"""  constexpr int PF_RUN = 16;
       FM_HINT_ROWS(q % 6, FM_WEIGHT_ROW(a), b - a);
     }
   }
+"""
+
+# L2 hints of the down projection's rows, given by the gate/up kernel (define FM_DOWN_HINT, template
+# int DH, inputs wd, sd, bd): down runs next and reads D rows of each of the token's K experts. The
+# rows are cut into G * W slices, one per warp of the token's threadgroups; a warp hints its slice
+# (weights, scales and biases of each expert: 3K ranges) once it has done (DH - 1) / 8 of its items
+# (DH 1: first thing in its loop, 9: after its last item). Down's bytes then come from DRAM while
+# gate/up leaves bandwidth unused, and down finds them in L2; nothing on targets without hints.
+# Needs n, G, W, K, D, I, BITS, GS, inds, ITEMS; FM_DOWN_HINT_STEP() once per item, FM_DOWN_HINT_LAST
+# after the loop.
+DOWN_L2_HINTS = r"""#if FM_DOWN_HINT
+  const int dh_items = (ITEMS > fm_warp) ? (ITEMS - fm_warp + W - 1) / W : 0;  // this warp's items
+  const int dh_at = dh_items * (DH - 1) / 8;
+  int dh_done = 0;
+#define FM_HINT_DOWN()                                                                          \
+  {                                                                                             \
+    constexpr int DWPR = I * BITS / 32;                                                         \
+    constexpr int DGPR = I / GS;                                                                \
+    const int slice = (fm_tg % G) * W + fm_warp;                                                \
+    const int o0 = int(int64_t(slice) * D / (G * W));                                           \
+    const int o1 = int(int64_t(slice + 1) * D / (G * W));                                       \
+    for (int q = fm_lane; q < 3 * K && o1 > o0; q += 32) {                                      \
+      const int64_t drow = int64_t(inds[n * K + q / 3]) * D + o0;                               \
+      if (q % 3 == 0) {                                                                         \
+        FM_PREFETCH_L2(wd + drow * DWPR, int64_t(o1 - o0) * DWPR * 4);                          \
+      } else {                                                                                  \
+        FM_PREFETCH_L2((q % 3 == 1 ? sd : bd) + drow * DGPR, int64_t(o1 - o0) * DGPR * sizeof(sd[0])); \
+      }                                                                                         \
+    }                                                                                           \
+  }
+#define FM_DOWN_HINT_STEP() \
+  if (dh_done++ == dh_at) FM_HINT_DOWN()
+#define FM_DOWN_HINT_LAST() \
+  if (dh_done <= dh_at) FM_HINT_DOWN()
+#else
+#define FM_DOWN_HINT_STEP()
+#define FM_DOWN_HINT_LAST()
+#endif
 """
 
 GATE_UP_ITEM_LOOP = r"""
@@ -183,7 +224,8 @@ GATE_UP_PF = r"""
   // fm_gate_up_pf: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair].
   // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (rows per item and
   // lane group), W (warps per threadgroup), G (threadgroups per token), DB (1: double-buffered
-  // items), PF (L2 hints, see GATE_UP_L2_HINTS). The K*I rows of a
+  // items), PF (L2 hints, see GATE_UP_L2_HINTS), DH (with FM_DOWN_HINT: L2 hints of down's
+  // rows, see DOWN_L2_HINTS). The K*I rows of a
   // token are cut into items of R*SUB rows; threadgroup g of token n takes a contiguous run
   // of RUN items (G need not divide them: the last run may be shorter), its warps take every
   // W-th one. x' is staged once per threadgroup; each warp loads its next item while it
@@ -205,13 +247,17 @@ GATE_UP_PF = r"""
   if (DB && item < ITEMS) {  // the first loads fly while x is staged
     FM_LOAD_ITEM(item)
   }
-""" + GATE_UP_L2_HINTS + STAGE_X4 + r"""  FM_BARRIER();
-""" + GATE_UP_ITEM_LOOP + r"""#undef FM_ITEM_ROW
+""" + DOWN_L2_HINTS + GATE_UP_L2_HINTS + STAGE_X4 + r"""  FM_BARRIER();
+""" + GATE_UP_ITEM_LOOP + r"""  FM_DOWN_HINT_LAST();
+#undef FM_ITEM_ROW
 #undef FM_WEIGHT_ROW
 #undef FM_STORE_H
 #undef FM_HINT_ROWS
 #undef FM_HINT_ITEM
 #undef FM_HINT_AHEAD
+#undef FM_HINT_DOWN
+#undef FM_DOWN_HINT_STEP
+#undef FM_DOWN_HINT_LAST
 """
 
 DOWN_PF = r"""

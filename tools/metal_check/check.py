@@ -107,18 +107,18 @@ def variants(target: str) -> List[Tuple[str, launch.Plan]]:
                         for p in plans if p.spec.name != "down_pf"]
     finally:
         launch.TUNING["gate_up_mma"] = saved
-    # v2 with its L2 hints on (whole run / a distance ahead for gate/up, rows for down), with and
-    # without gate/up's double buffer
+    # v2 with its L2 hints on (whole run / a distance ahead for gate/up, rows for down; gate/up
+    # hinting down's rows, CUDA only), with and without gate/up's double buffer
     saved = dict(launch.TUNING["gate_up_pf"]), dict(launch.TUNING["down_pf"])
     try:
-        for pf, db in ((16, 1), (2, 1), (16, 0), (4, 0)):
-            launch.TUNING["gate_up_pf"] = dict(saved[0], PF=pf, DB=db)
+        for pf, db, dh in ((16, 1, 0), (2, 1, 0), (16, 0, 0), (4, 0, 0), (0, 1, 9), (2, 0, 1)):
+            launch.TUNING["gate_up_pf"] = dict(saved[0], PF=pf, DB=db, DH=dh)
             launch.TUNING["down_pf"] = dict(saved[1], PF=1)
             for D, I, bits, sdt, N in ((4096, 1024, 4, bf16, 1), (4096, 1024, 2, f32, 2), (64, 64, 4, f32, 1)):
                 w = _experts(10, D, I, bits, 64, sdt)
                 plans = launch.plan_expert_mlp(target, A((N, D), bf16), w, A((N, 10), mx.int32),
                                                A((N, 10), bf16), version=2)
-                out += [(f"v2_l2hints{pf}_db{db}_{p.spec.name}_D{D}_I{I}_b{bits}_N{N}_{sdt}".replace("mlx.core.", ""), p)
+                out += [(f"v2_l2hints{pf}_db{db}_dh{dh}_{p.spec.name}_D{D}_I{I}_b{bits}_N{N}_{sdt}".replace("mlx.core.", ""), p)
                         for p in plans]
     finally:
         launch.TUNING["gate_up_pf"], launch.TUNING["down_pf"] = saved
