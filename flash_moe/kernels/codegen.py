@@ -262,7 +262,7 @@ def _down_pair(suffix: str, body: str, template: Tuple[str, ...]) -> Tuple[Kerne
 
 DOWN, DOWN_COMBINE = _down_pair("", sources.DOWN, ("BITS", "GS", "D", "O", "K", "R", "W", "ST", "RT", "OutT"))
 
-# Projection kernels, v2 (prefetching; the default, faster on the H100 in every measured case).
+# Projection kernels, v2 (prefetching; the default but for one 2-bit token on CUDA, see launch.default_version).
 GATE_UP_PF = KernelSpec(
     name="gate_up_pf",
     inputs=_PROJ_INPUTS,
