@@ -175,12 +175,13 @@ CONFIGS = {
         ("down", [dict(R=2, W_max=16), dict(R=4, W_max=16), dict(R=8, W_max=16)])),
     # tgs=0: one threadgroup per SM; 256 / R4 128: the defaults before Run 9; PF: L2 hints (16 the
     # threadgroup's whole run, 1-15 items ahead); DB=0: gate/up without its double buffer (Run 10);
-    # DH: gate/up hints down's rows into L2 (at the start, halfway, at the end of each warp's items)
+    # DH: gate/up hints down's rows into L2 (at the start, halfway, at the end of each warp's items).
+    # Each candidate goes on top of launch.TUNING (DH 9, v6's XB 1: the defaults since Run 12)
     2: (("gate_up_pf", [dict(R=1, W=12, tgs=0), dict(R=1, W=8, tgs=0), dict(R=1, W=4, tgs=256),
                         dict(R=1, W=6, tgs=264), dict(R=2, W=4, tgs=256), dict(R=1, W=12, tgs=0, PF=16),
                         dict(R=1, W=16, tgs=264, DB=0, PF=16), dict(R=1, W=8, tgs=528, DB=0, PF=16),
-                        dict(R=1, W=16, tgs=264, DB=0, PF=4), dict(R=1, W=12, tgs=0, DH=1),
-                        dict(R=1, W=12, tgs=0, DH=5), dict(R=1, W=12, tgs=0, DH=9)]),
+                        dict(R=1, W=16, tgs=264, DB=0, PF=4), dict(R=1, W=12, tgs=0, DH=0),
+                        dict(R=1, W=12, tgs=0, DH=1), dict(R=1, W=12, tgs=0, DH=5)]),
         ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512),
                      dict(R=1, tgs=256, PF=1), dict(R=2, tgs=128, PF=1)])),
     4: (("expert_mlp_sk", [dict(C=64, W=4, R=1, RD=2), dict(C=64, W=8, R=1, RD=2), dict(C=64, W=4, R=2, RD=2),
@@ -189,9 +190,9 @@ CONFIGS = {
                            dict(C=32, W=8, R=1, RD=1)]),),
     # v6: gate/up on the matrix units (S warps per 16-row item, WR items at once, PD blocks in flight;
     # XB: x staged once per token by a launch of its own)
-    6: (("gate_up_mma", [dict(S=16, WR=1, PD=2, tgs=0), dict(S=8, WR=2, PD=2, tgs=0), dict(S=8, WR=2, PD=2, tgs=0, PF=1),
+    6: (("gate_up_mma", [dict(S=16, WR=1, PD=2, tgs=0, PF=0), dict(S=8, WR=2, PD=2, tgs=0, PF=0), dict(S=8, WR=2, PD=2, tgs=0, PF=1),
                          dict(S=4, WR=4, PD=2, tgs=0, PF=1), dict(S=16, WR=1, PD=1, tgs=0, PF=1),
-                         dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=1), dict(S=16, WR=1, PD=2, tgs=0, XB=1)]),
+                         dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0), dict(S=16, WR=1, PD=2, tgs=0, PF=0, XB=0)]),
         ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512)])),
     5: (("expert_mlp_ska", [dict(C=64, W=4, R=1, RD=4, P=4), dict(C=64, W=4, R=1, RD=4, P=3),
                             dict(C=64, W=4, R=1, RD=2, P=4), dict(C=64, W=4, R=1, RD=4, P=6),
@@ -216,14 +217,16 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
     best = {}
     for key, configs in CONFIGS[version]:
         for cfg in configs:
-            launch.TUNING_BITS[(key, bits)] = dict(cfg)
+            cfg = dict(launch.TUNING[key], **cfg)  # (on top of the defaults)
+            launch.TUNING_BITS[(key, bits)] = cfg
             plans = launch.plan_expert_mlp(target, x, ws[0], inds, scores, version=version)
             if wanted is not None and plans[0].spec not in wanted:
                 continue  # this shape falls back to another version
             t = timeit(chained(lambda xi, i: launch.expert_mlp(target, xi, ws[i % sets], inds, scores,
                                                                version=version), x))
             shape = " ".join(f"{n}{v}" for p in plans for n, v in p.template.items()
-                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF", "DH", "S", "PD", "XB"))
+                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF", "DH", "S", "PD"))
+            shape += f" XB{cfg['XB']}" if "XB" in cfg else ""  # (a launch of its own, not a template value)
             row(key, f"b{bits} k{k} {shape} chained", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:
                 best[key] = (t, dict(cfg))
