@@ -229,7 +229,7 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
             shape += f" XB{cfg['XB']}" if "XB" in cfg else ""  # (a launch of its own, not a template value)
             row(key, f"b{bits} k{k} {shape} chained", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:
-                best[key] = (t, dict(cfg))
+                best[key] = (t, cfg)
         if key in best:
             launch.TUNING_BITS[(key, bits)] = best[key][1]
         else:  # no launch shape fits these sizes: the version falls back, nothing to tune

@@ -393,6 +393,12 @@ def _merged(ranges):
     return [tuple(r) for r in out]
 
 
+def _whole_experts(arr, experts, U):
+    """Merged byte ranges of every row of ``experts`` in a stacked [U, rows, ...] array."""
+    nbytes = arr.nbytes // U
+    return _merged([(e * nbytes, (e + 1) * nbytes) for e in experts])
+
+
 @needs_cxx
 @pytest.mark.parametrize("pf, tgs, db", [(16, 2, 1), (16, 10, 1), (1, 2, 1), (2, 2, 1), (8, 2, 1), (16, 10, 0),
                                          (3, 2, 0)])
@@ -433,8 +439,7 @@ def test_simulated_l2_hints_cover_the_rows_read(pf, tgs, db, monkeypatch):
         row_bytes = proj.nbytes // (U * I)
         want = _merged([((e * I + r) * row_bytes, (e * I + r + 1) * row_bytes) for e, r in expected_rows])
         assert _merged([(a, b) for n_, a, b in hints if n_ == name]) == want, name
-    row_bytes = w.down.weight.nbytes // (U * H)
-    want = _merged([(e * H * row_bytes, (e + 1) * H * row_bytes) for e in set(np.array(inds).ravel().tolist())])
+    want = _whole_experts(w.down.weight, set(np.array(inds).ravel().tolist()), U)
     assert _merged([(a, b) for n_, a, b in down_hints if n_ == "wd"]) == want
 
 
@@ -459,11 +464,9 @@ def test_simulated_gate_up_hints_down_rows(dh, tgs, monkeypatch):
     down.inputs[0] = h
     (y,) = simt.simulate(down)
     assert rel(y.astype(x.dtype), np_expert_mlp(x, w, inds, scores)) < 1e-5
-    experts = sorted(set(np.array(inds).ravel().tolist()))
+    experts = set(np.array(inds).ravel().tolist())
     for name, arr in (("wd", w.down.weight), ("sd", w.down.scales), ("bd", w.down.biases)):
-        row_bytes = arr.nbytes // (U * H)
-        want = _merged([(e * H * row_bytes, (e + 1) * H * row_bytes) for e in experts])
-        assert _merged([(a, b) for n_, a, b in hints if n_ == name]) == want, name
+        assert _merged([(a, b) for n_, a, b in hints if n_ == name]) == _whole_experts(arr, experts, U), name
     assert not [n_ for n_, _, _ in hints if n_ not in ("wd", "sd", "bd")]  # (PF is 0)
 
 

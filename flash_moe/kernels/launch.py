@@ -406,13 +406,12 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     W = tg["W"]
     while W > 1 and W > run:  # no idle warps
         W //= 2
+    spec, inputs = codegen.GATE_UP_PF, _gate_up_inputs(x, w, inds)
     template = dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=db, PF=pf, XT=x.dtype, ST=w.gate.scales.dtype)
     if dh and target == "cuda":  # gate/up also hints down's rows into L2 (no such hint on Metal)
-        gate_up = Plan(codegen.GATE_UP_PF_DH, _gate_up_inputs(x, w, inds) + [w.down.weight, w.down.scales,
-                       w.down.biases], dict(template, DH=dh), N * G, W * 32, [(N * K, I)], [mx.float32])
-    else:
-        gate_up = Plan(codegen.GATE_UP_PF, _gate_up_inputs(x, w, inds), template, N * G, W * 32,
-                       [(N * K, I)], [mx.float32])
+        spec, template = codegen.GATE_UP_PF_DH, dict(template, DH=dh)
+        inputs += [w.down.weight, w.down.scales, w.down.biases]
+    gate_up = Plan(spec, inputs, template, N * G, W * 32, [(N * K, I)], [mx.float32])
     down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
     return None if down is None else (gate_up, down)
 
