@@ -364,6 +364,33 @@ def test_simulated_prefetching_kernels_with_looping_warps(bits, H, I, N, K, few_
 
 
 @needs_cxx
+@pytest.mark.parametrize("bits, H, I, R, tgs, iterations", [
+    (4, 256, 128, 2, 16, 1),   # row pairs (4 lanes a row); the second register set is never used
+    (4, 256, 128, 2, 4, 4),
+    (4, 3072, 64, 1, 64, 3),   # 2 lanes a row, rows alone, an odd number of iterations
+    (4, 3072, 64, 2, 32, 3),   # pairs, odd: the last iteration has no partner set
+    (4, 3072, 64, 3, 16, 4),   # a pair and a row left over
+    (2, 512, 64, 2, 2, 4),     # one lane a row: no pairs
+    (4, 256, 1024, 2, 8, 16),  # 32 lanes a row, as at the real shapes
+])
+def test_simulated_down_rows_in_pairs(bits, H, I, R, tgs, iterations, monkeypatch):
+    """v2's down sums two rows with one butterfly and computes its two register sets in turn;
+    every row must land in its own slot, with odd iteration counts and rows left over."""
+    monkeypatch.setitem(launch.TUNING, "down_pf", {"R": R, "tgs": tgs})
+    U, N, K = 4, 1, 3
+    w = make_experts(U, H, I, bits, 64, mx.bfloat16, seed=R + bits)
+    x = mx.random.normal((N, H))
+    inds = mx.array(np.random.default_rng(H + R).integers(0, U, (N, K)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
+    _, down = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=2)
+    t = down.template
+    lanes_per_row = min(I * bits // 128, 32)
+    assert t["R"] == R and t["RPT"] // (R * (32 // lanes_per_row)) == iterations
+    y = _sim_expert_mlp(x, w, inds, scores, version=2)
+    assert rel(y, np_expert_mlp(x, w, inds, scores)) < 1e-5
+
+
+@needs_cxx
 @pytest.mark.parametrize("tgs", [10, 14, 22])  # 5, 7, 11 per token of two
 def test_simulated_gate_up_with_uneven_runs(tgs, monkeypatch):
     """A threadgroup count that does not divide the items: the last threadgroup's run is

@@ -78,6 +78,20 @@ FM_INLINE float fm_lane_sum(float v) {
   return v;
 }
 
+// Two rows' butterfly sums at once over groups of LPR (>= 2) lanes, sl the lane's place in its
+// group: the first step swaps halves so that the lower half goes on with row a and the upper with
+// row b; the result is row a's sum on lane 0 of the group, row b's on lane LPR / 2.
+template <int LPR>
+FM_INLINE float fm_lane_sum_pair(float a, float b, int sl) {
+  const bool upper = (sl & (LPR / 2)) != 0;
+  float v = (upper ? b : a) + FM_SHFL_XOR(upper ? a : b, LPR / 2);
+#pragma unroll
+  for (int m = LPR / 4; m > 0; m >>= 1) {
+    v += FM_SHFL_XOR(v, m);
+  }
+  return v;
+}
+
 FM_INLINE float fm_sigmoid(float v) {
   return 1.0f / (1.0f + FM_EXP(-v));
 }

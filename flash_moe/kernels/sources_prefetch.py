@@ -279,18 +279,52 @@ DOWN_PF = r"""
   const int64_t wbase = int64_t(inds[pair]) * O;
   const float route = static_cast<float>(scores[pair]);
 
-  uint4 nq[R][NSTEP];
-  ST ns[R][NSTEP];
-  ST nb[R][NSTEP];
-#define FM_LOAD_ROWS(iter)                                                 \
+  // Two sets of R rows in registers, used in turn: one is loaded while the other is computed.
+  uint4 q0[R][NSTEP], q1[R][NSTEP];
+  ST s0[R][NSTEP], s1[R][NSTEP];
+  ST b0[R][NSTEP], b1[R][NSTEP];
+  // This lane's first word, scale and bias (row row0 + sub of its expert); rows and steps are
+  // constant offsets from them, so the loads need no 64-bit address arithmetic.
+  const FM_DEVICE uint32_t* wl = wd + (wbase + row0 + sub) * WPR + sl * EPL / PACK;
+  const FM_DEVICE ST* sl_ = sd + (wbase + row0 + sub) * GPR + sl * EPL / GS;
+  const FM_DEVICE ST* bl = bd + (wbase + row0 + sub) * GPR + sl * EPL / GS;
+#define FM_LOAD_ROWS(q, sc, bi, iter)                                      \
   for (int r = 0; r < R; ++r) {                                            \
-    const int64_t wrow = wbase + row0 + ((iter) * R + r) * SUB + sub;      \
+    const int dr = ((iter) * R + r) * SUB;                                 \
     for (int s = 0; s < NSTEP; ++s) {                                      \
-      const int c = s * STEP + sl * EPL;                                   \
-      nq[r][s] = *((const FM_DEVICE uint4*)(wd + wrow * WPR + c / PACK));  \
-      ns[r][s] = sd[wrow * GPR + c / GS];                                  \
-      nb[r][s] = bd[wrow * GPR + c / GS];                                  \
+      q[r][s] = *((const FM_DEVICE uint4*)(wl + dr * WPR + s * STEP / PACK)); \
+      sc[r][s] = sl_[dr * GPR + s * STEP / GS];                            \
+      bi[r][s] = bl[dr * GPR + s * STEP / GS];                             \
     }                                                                      \
+  }
+// The R rows of iteration iter: dot products, then the lane sums. Rows go in pairs, one
+// butterfly for both (lane 0 of the lane group gets the first row, lane LPR / 2 the second); a
+// row left over (odd R, or LPR 1) is summed alone.
+#define FM_ROWS(q, sc, bi, iter)                                                         \
+  {                                                                                      \
+    float d[R];                                                                          \
+    for (int r = 0; r < R; ++r) {                                                        \
+      d[r] = 0.0f;                                                                       \
+      for (int s = 0; s < NSTEP; ++s) {                                                  \
+        d[r] += static_cast<float>(sc[r][s]) * fm_dot_chunk<BITS>(q[r][s], xv[s]) +      \
+            static_cast<float>(bi[r][s]) * xsm[s];                                       \
+      }                                                                                  \
+    }                                                                                    \
+    for (int r = 0; r < R; r += 2) {                                                     \
+      if (r + 1 < R && LPR > 1) {                                                        \
+        const float v = fm_lane_sum_pair<LPR>(d[r], d[r + 1], sl);                       \
+        if (sl % (LPR / 2) == 0) {                                                       \
+          part[fm_warp * RPT + ((iter) * R + r + (sl != 0)) * SUB + sub] = route * v;    \
+        }                                                                                \
+      } else {                                                                           \
+        for (int u = r; u < r + 2 && u < R; ++u) {                                       \
+          const float v = fm_lane_sum<LPR>(d[u]);                                        \
+          if (sl == 0) {                                                                 \
+            part[fm_warp * RPT + ((iter) * R + u) * SUB + sub] = route * v;              \
+          }                                                                              \
+        }                                                                                \
+      }                                                                                  \
+    }                                                                                    \
   }
 
   if (PF != 0 && fm_lane < 3) {  // L2 hint: this warp's RPT rows (weights, scales, biases)
@@ -301,7 +335,7 @@ DOWN_PF = r"""
       FM_PREFETCH_L2((fm_lane == 1 ? sd : bd) + wrow * GPR, RPT * GPR * sizeof(ST));
     }
   }
-  FM_LOAD_ROWS(0)
+  FM_LOAD_ROWS(q0, s0, b0, 0)
   float xv[NSTEP][EPL];  // this warp's h', kept for every row
   float xsm[NSTEP];
 #pragma unroll
@@ -321,36 +355,19 @@ DOWN_PF = r"""
     }
   }
 
-  for (int it = 0; it < NIT; ++it) {
-    uint4 cq[R][NSTEP];
-    ST cs[R][NSTEP];
-    ST cb[R][NSTEP];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int s = 0; s < NSTEP; ++s) {
-        cq[r][s] = nq[r][s];
-        cs[r][s] = ns[r][s];
-        cb[r][s] = nb[r][s];
-      }
+  for (int it = 0; it < NIT; it += 2) {
+    if (it + 1 < NIT) {
+      FM_LOAD_ROWS(q1, s1, b1, it + 1)
+    }
+    FM_ROWS(q0, s0, b0, it)
+    if (it + 2 < NIT) {
+      FM_LOAD_ROWS(q0, s0, b0, it + 2)
     }
     if (it + 1 < NIT) {
-      FM_LOAD_ROWS(it + 1)
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float d = 0.0f;
-#pragma unroll
-      for (int s = 0; s < NSTEP; ++s) {
-        d += static_cast<float>(cs[r][s]) * fm_dot_chunk<BITS>(cq[r][s], xv[s]) +
-            static_cast<float>(cb[r][s]) * xsm[s];
-      }
-      d = fm_lane_sum<LPR>(d);
-      if (sl == 0) {
-        part[fm_warp * RPT + (it * R + r) * SUB + sub] = route * d;
-      }
+      FM_ROWS(q1, s1, b1, it + 1)
     }
   }
+#undef FM_ROWS
 #undef FM_LOAD_ROWS
   FM_BARRIER();
   for (int t = fm_tid; t < RPT; t += K * 32) {
