@@ -314,6 +314,24 @@ def test_cuda_dequantization_takes_one_lop3_per_element(monkeypatch):
     assert unfused - fused >= 200, (fused, unfused)
 
 
+def test_sass_loop_bodies_are_found():
+    """``check.py --loops`` reads loops off ``cuobjdump -sass`` text: the code from a backward
+    branch's target to the branch, predicated opcodes counted by their opcode."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x00000a0000017a02 */
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;       /* 0x0000000402047981 */
+        /*0020*/                   LOP3.LUT R6, R4, 0xf, R9, 0xea, !PT ;  /* 0x0000000f04067812 */
+        /*0030*/                   FFMA R7, R6, R8, R7 ;                  /* 0x0000000806077223 */
+        /*0040*/              @!P0 FFMA R7, R6, R8, R7 ;                  /* 0x0000000806078223 */
+        /*0050*/               @P1 BRA 0x10 ;                             /* 0xfffffffc00b41947 */
+        /*0060*/                   BRA 0x80 ;                             /* 0x0000000000047947 */
+        /*0070*/                   EXIT ;                                 /* 0x000000000000794d */
+    """
+    ((start, end, ops),) = check.loop_bodies(sass)  # the forward branch is no loop
+    assert (start, end) == (0x10, 0x50)
+    assert ops == {"LDG": 1, "LOP3": 1, "FFMA": 2, "BRA": 1}
+
+
 # ---------------------------------------------------------------------------------------
 # The shared kernel text, run by the CPU SIMT simulator, against the reference
 # ---------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ TUNING: Dict[str, Dict[str, int]] = {
     # warp has done (DH - 1) / 8 of its items (0: no hints; CUDA only). 9, after its last item:
     # down 12.0-12.4 us against 13.8-14.4, gate/up unchanged within noise (H200, 4-bit, Run 12).
     "gate_up_pf": {"R": 1, "W": 12, "tgs": 0, "DB": 1, "PF": 0, "DH": 9},
+    # down: R rows per iteration (R 2 took 11.9 us against 10.7 for R 1 with its rows mostly in
+    # L2, H200, 4-bit k=10, Run 13), tgs threadgroups, PF as above.
     "down_pf": {"R": 1, "tgs": 256, "PF": 0},
     # v6 (gate/up on the matrix units; down is v2's). S: warps that split a row's blocks; WR:
     # items (16 rows) a threadgroup works on at once (W = S * WR warps); PD: blocks each warp has

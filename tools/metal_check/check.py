@@ -9,20 +9,25 @@ CUDA: the same variants wrapped the way ``mx.fast.cuda_kernel`` wraps them, comp
 nvcc for sm_90 against a stub of MLX's device header (``cuda_stub/``); ``--ptxas`` prints
 registers, spills and shared memory per kernel; ``--sass`` the static count of machine
 instructions per kernel (its ``.text`` section over 16 bytes an sm_90 instruction), a local
-proxy for the instructions a launch issues: the kernels' loops run once per item and are not
-unrolled across items, so a change of the per-item body shows up one to one.
+proxy for the instructions a launch issues: the kernels' loops run once per item (v2's down
+once per two row sets), so a change of the per-item body shows up one to one. ``--loops``
+disassembles the same cubins (``cuobjdump`` and ``nvdisasm`` on PATH: the CUDA toolkit's, or
+``pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``) and prints every loop's body (code
+up to a backward branch) with its instruction mix: the cost of one item, row by row.
 
 The variants are the launch plans the library makes (``flash_moe.kernels.launch.plan_*``)
 for the real Qwen3.5-397B shapes and the tiny test model's, over bits, dtypes, token and
 expert counts, and small inputs that Metal passes in the ``constant`` address space.
 
-Usage: python tools/metal_check/check.py [--metal] [--cuda] [--ptxas] [--sass [FILTER]] [--dump DIR]
+Usage: python tools/metal_check/check.py [--metal] [--cuda] [--ptxas] [--sass [FILTER]] [--loops FILTER] [--dump DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import struct
 import shutil
 import subprocess
@@ -204,6 +209,41 @@ def count_sass(label_filter: str = "", nvcc: Optional[str] = None) -> Dict[str, 
         return dict(zip(units, pool.map(one, units.values())))
 
 
+def loop_bodies(sass: str) -> List[Tuple[int, int, collections.Counter]]:
+    """(start, end, opcode counts) of every loop in ``cuobjdump -sass`` text: the code from a
+    backward branch's target to the branch."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in
+           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+    loops = []
+    for at, text in ins:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < at:
+            start = int(m.group(1), 16)
+            ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for a, t in ins if start <= a <= at]
+            loops.append((start, at, collections.Counter(ops)))
+    return loops
+
+
+def print_loops(label_filter: str, nvcc: Optional[str] = None) -> None:
+    """Each loop of every CUDA variant whose label contains the filter: size and top opcodes."""
+    if not (shutil.which("cuobjdump") and shutil.which("nvdisasm")):
+        raise FileNotFoundError("--loops needs cuobjdump and nvdisasm on PATH "
+                                "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    cmd = _nvcc_cubin(nvcc, "unit.cubin")
+    for label, src in translation_units("cuda").items():
+        if label_filter not in label:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "unit.cu").write_text(src)
+            subprocess.run(cmd + ["unit.cu"], capture_output=True, text=True, cwd=tmp, check=True)
+            sass = subprocess.run(["cuobjdump", "-sass", "unit.cubin"], capture_output=True, text=True,
+                                  cwd=tmp, check=True).stdout
+        print(label)
+        for start, end, ops in loop_bodies(sass):
+            top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
+            print(f"  loop {start:#06x}-{end:#06x}: {sum(ops.values()):5d} instructions ({top})")
+
+
 def find_clang() -> Optional[str]:
     for name in ("clang++", "clang"):
         if shutil.which(name):
@@ -254,8 +294,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--ptxas", action="store_true", help="print registers/spills of each CUDA kernel")
     ap.add_argument("--sass", nargs="?", const="", default=None, metavar="FILTER",
                     help="print static machine instructions of the CUDA variants whose label contains FILTER")
+    ap.add_argument("--loops", metavar="FILTER", help="print each loop's machine instructions (needs cuobjdump, "
+                    "nvdisasm) of the CUDA variants whose label contains FILTER")
     ap.add_argument("--dump", type=Path, help="write every generated translation unit here")
     args = ap.parse_args(argv)
+    if args.loops is not None:
+        try:
+            print_loops(args.loops)
+        except FileNotFoundError as e:
+            print(e, file=sys.stderr)
+            return 2
+        return 0
     if args.sass is not None:
         for label, n in count_sass(args.sass).items():
             print(f"{n:6d}  {label}")
