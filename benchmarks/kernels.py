@@ -189,10 +189,11 @@ CONFIGS = {
                            dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),
                            dict(C=32, W=8, R=1, RD=1)]),),
     # v6: gate/up on the matrix units (S warps per 16-row item, WR items at once, PD blocks in flight;
-    # XB: x staged once per token by a launch of its own)
+    # XB: x staged once per token by a launch of its own; DH: down's rows hinted, as v2's)
     6: (("gate_up_mma", [dict(S=16, WR=1, PD=2, tgs=0, PF=0), dict(S=8, WR=2, PD=2, tgs=0, PF=0), dict(S=8, WR=2, PD=2, tgs=0, PF=1),
                          dict(S=4, WR=4, PD=2, tgs=0, PF=1), dict(S=16, WR=1, PD=1, tgs=0, PF=1),
-                         dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0), dict(S=16, WR=1, PD=2, tgs=0, PF=0, XB=0)]),
+                         dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0), dict(S=16, WR=1, PD=2, tgs=0, PF=0, XB=0),
+                         dict(S=8, WR=2, PD=2, tgs=0, PF=1, DH=9), dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0, DH=9)]),
         ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512)])),
     5: (("expert_mlp_ska", [dict(C=64, W=4, R=1, RD=4, P=4), dict(C=64, W=4, R=1, RD=4, P=3),
                             dict(C=64, W=4, R=1, RD=2, P=4), dict(C=64, W=4, R=1, RD=4, P=6),
@@ -213,7 +214,8 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
     target = K.active_backend()
     nbytes = k * expert_bytes(bits)
     wanted = {2: (codegen.GATE_UP_PF, codegen.GATE_UP_PF_DH), 4: (codegen.EXPERT_MLP_SK,),
-              5: (codegen.EXPERT_MLP_SKA,), 6: (codegen.GATE_UP_MMA, codegen.STAGE_X_MMA)}.get(version)
+              5: (codegen.EXPERT_MLP_SKA,), 6: (codegen.GATE_UP_MMA, codegen.GATE_UP_MMA_DH,
+                                                  codegen.STAGE_X_MMA)}.get(version)
     best = {}
     for key, configs in CONFIGS[version]:
         for cfg in configs:

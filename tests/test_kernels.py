@@ -516,6 +516,39 @@ def test_simulated_gate_up_hints_down_rows(dh, tgs, monkeypatch):
 
 
 @needs_cxx
+@pytest.mark.parametrize("dh, xb, tgs", [(1, 0, 2), (9, 1, 2), (5, 1, 3), (9, 0, 40)])
+def test_simulated_matrix_unit_gate_up_hints_down_rows(dh, xb, tgs, monkeypatch):
+    """v6's gate/up with DH hints down's rows as v2's does, counted in rounds: every row of each
+    token's experts, with or without x staged per token (XB), with 40 threadgroups asked for 24
+    items (one item each: half the warps have none), and the result does not change; on Metal the
+    plain kernel."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", {"S": 2, "WR": 2, "PD": 2, "tgs": tgs, "CS": 2, "RBM": 2,
+                                                        "PF": 0, "XB": xb, "DH": dh})
+    U, H, I, N, K = 6, 256, 64, 2, 3
+    w = make_experts(U, H, I, 4, 64, mx.bfloat16, seed=11)
+    x = mx.random.normal((N, H)).astype(mx.bfloat16)
+    inds = mx.array(np.array([[4, 1, 5], [1, 0, 3]], dtype=np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
+    metal = launch.plan_expert_mlp("metal", x, w, inds, scores, version=6)
+    assert "dh" not in " ".join(p.spec.name for p in metal)
+    plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=6, out_dtype=mx.float32)
+    *staged, gate_up, down = plans
+    assert gate_up.spec.name == ("gate_up_mma_xb_dh" if xb else "gate_up_mma_dh") and gate_up.template["DH"] == dh
+    if staged:
+        (xs,) = simt.simulate(staged[0])
+        gate_up.inputs[_placeholder(gate_up)] = xs
+    hints = []
+    (h,) = simt.simulate(gate_up, hints)
+    down.inputs[0] = h
+    (y,) = simt.simulate(down)
+    assert rel(y, np_expert_mlp(x, w, inds, scores)) < 1e-5
+    experts = set(np.array(inds).ravel().tolist())
+    for name, arr in (("wd", w.down.weight), ("sd", w.down.scales), ("bd", w.down.biases)):
+        assert _merged([(a, b) for n_, a, b in hints if n_ == name]) == _whole_experts(arr, experts, U), name
+    assert not [n_ for n_, _, _ in hints if n_ not in ("wd", "sd", "bd")]  # (PF is 0)
+
+
+@needs_cxx
 @pytest.mark.parametrize("bits, gs, H, I, N, K, xdt, sdt", [
     (4, 64, 64, 64, 1, 2, mx.float32, mx.float32),       # the tiny model: 2 lanes per row
     (4, 64, 64, 64, 1, 1, mx.float32, mx.float32),       # k=1: 64 rows summed by 32 threads

@@ -1,6 +1,6 @@
 """Launch-shape sweep of the v2 expert kernels by GPU time, as a table (needs Nsight Compute).
 
-    python3 tools/ncu_sweep.py [--bits 4] [--keep-l2] --gate-up R,W,tgs[,DB[,PF[,DH]]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB]]]] ...]
+    python3 tools/ncu_sweep.py [--bits 4] [--keep-l2] --gate-up R,W,tgs[,DB[,PF[,DH]]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH]]]]] ...]
 
 Runs ``tools/profile_expert_mlp.py --sweep`` under ``ncu`` (boost clocks, L2 flushed before
 every kernel, as a decode step meets its weights) and prints, per launch shape, the median GPU
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--gate-up", nargs="*", default=[])
     p.add_argument("--down", nargs="*", default=[])
-    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF[,XB]]]] (XB: x staged per token, its launch counted in gate/up)")
+    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH]]]]] (XB: x staged per token, its launch counted in gate/up; DH: down's rows hinted)")
     p.add_argument("--keep-l2", action="store_true", help="do not flush L2 before each kernel")
     p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     p.add_argument("--best-json", type=Path, help="write the fastest gate/up and down shapes here, as JSON "

@@ -288,6 +288,13 @@ GATE_UP_MMA = KernelSpec(name="gate_up_mma", inputs=_PROJ_INPUTS + ("xmap",), ou
                          body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE, defines=(("FM_XB", "0"),))
 GATE_UP_MMA_XB = KernelSpec(name="gate_up_mma_xb", inputs=_PROJ_INPUTS + ("xb",), outputs=("h",),
                             body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE, defines=(("FM_XB", "1"),))
+# v6's gate/up that also hints down's rows into L2 (DH, as v2's; CUDA only).
+GATE_UP_MMA_DH = KernelSpec(name="gate_up_mma_dh", inputs=GATE_UP_MMA.inputs + ("wd", "sd", "bd"), outputs=("h",),
+                            body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE + ("DH",),
+                            defines=(("FM_XB", "0"), ("FM_DOWN_HINT", "1")))
+GATE_UP_MMA_XB_DH = KernelSpec(name="gate_up_mma_xb_dh", inputs=GATE_UP_MMA_XB.inputs + ("wd", "sd", "bd"),
+                               outputs=("h",), body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE + ("DH",),
+                               defines=(("FM_XB", "1"), ("FM_DOWN_HINT", "1")))
 STAGE_X_MMA = KernelSpec(name="stage_x_mma", inputs=("x", "xmap"), outputs=("xb",), body=sources_mma.STAGE_X_MMA,
                          template=("BITS", "GS", "D", "P", "CS", "W", "TPT", "XT"))
 # Split-K expert MLP, v4: one launch, gate/up and down per chunk of expert rows, atomic sum.
@@ -319,7 +326,7 @@ GATED_DELTA = KernelSpec(
 
 ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, GATE_UP_PF_DH, DOWN_PF, DOWN_COMBINE_PF,
                                      GATE_UP_MMA,
-                                     GATE_UP_MMA_XB, STAGE_X_MMA,
+                                     GATE_UP_MMA_XB, GATE_UP_MMA_DH, GATE_UP_MMA_XB_DH, STAGE_X_MMA,
                                      EXPERT_MLP_SK, EXPERT_MLP_SKA, COMBINE, GATED_DELTA)
 
 

@@ -50,8 +50,9 @@ TUNING: Dict[str, Dict[str, int]] = {
     # staged x would not fit threadgroup memory); RBM: rounds whose sums wait for one barrier;
     # PF: L2 hints (1-15 rounds ahead, 16 the whole run); XB: 1 stages x once per token in a
     # launch of its own instead of in every threadgroup (H200, 2 bits: gate/up 19.6 us against
-    # 23.6 without; KERNELS_NOTES.md, Run 12).
-    "gate_up_mma": {"S": 8, "WR": 2, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 1, "XB": 1},
+    # 23.6 without; KERNELS_NOTES.md, Run 12); DH: down's rows hinted into L2 as by v2's gate/up,
+    # counted in rounds (0 until measured on a GPU: written after Run 13's device time).
+    "gate_up_mma": {"S": 8, "WR": 2, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 1, "XB": 1, "DH": 0},
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
     "expert_mlp_sk": {"C": 64, "W": 4, "R": 1, "RD": 2},
@@ -525,9 +526,9 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
     tgs = t["tgs"] or gpu_cores(target) or 256
     run = -(-items // max(1, min(items, tgs // N)))
     G = -(-items // run)
-    RBM, PF = max(1, t.get("RBM", 8)), t.get("PF", 0)
-    if not 0 <= PF <= 16:
-        raise ValueError(f"v6 launch shape out of range (PF 0-16): gate_up_mma {t}")
+    RBM, PF, DH = max(1, t.get("RBM", 8)), t.get("PF", 0), t.get("DH", 0)
+    if not (0 <= PF <= 16 and 0 <= DH <= 9):
+        raise ValueError(f"v6 launch shape out of range (PF 0-16, DH 0-9): gate_up_mma {t}")
     scratch = max(D, min(RBM, -(-run // (W // S))) * W * 2 * 16)  # floats (the kernel's SCR; D, W even)
     fixed16 = (2 * (D // gs) * P + 3) // 4 + scratch // 4 + 8
     CS = smem = None
@@ -550,11 +551,13 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
         staged = (Plan(codegen.STAGE_X_MMA, [x, xmap], dict(BITS=bits, GS=gs, D=D, P=P, CS=CS, W=8, TPT=tpt,
                                                                XT=x.dtype),
                        N * tpt, 256, [(N, words)], [mx.uint32]),)
-        gate_up = Plan(codegen.GATE_UP_MMA_XB, _gate_up_inputs(x, w, inds) + [ArraySpec((N, words), mx.uint32)],
-                       template, N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem)
+        spec, inputs = codegen.GATE_UP_MMA_XB, _gate_up_inputs(x, w, inds) + [ArraySpec((N, words), mx.uint32)]
     else:
-        gate_up = Plan(codegen.GATE_UP_MMA, _gate_up_inputs(x, w, inds) + [xmap], template,
-                       N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem)
+        spec, inputs = codegen.GATE_UP_MMA, _gate_up_inputs(x, w, inds) + [xmap]
+    if DH and target == "cuda":  # gate/up also hints down's rows into L2, as v2's (no such hint on Metal)
+        spec = codegen.GATE_UP_MMA_XB_DH if staged else codegen.GATE_UP_MMA_DH
+        inputs, template = inputs + [w.down.weight, w.down.scales, w.down.biases], dict(template, DH=DH)
+    gate_up = Plan(spec, inputs, template, N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem)
     down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
     return None if down is None else staged + (gate_up, down)
 

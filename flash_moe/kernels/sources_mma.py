@@ -22,7 +22,7 @@ scale applies to the column after the product. CS = 2 puts the used columns on e
 spreading the per-group work over more lanes.
 """
 
-from .sources_prefetch import GATE_UP_ROWS, HINT_ROWS
+from .sources_prefetch import DOWN_L2_HINTS, GATE_UP_ROWS, HINT_ROWS
 
 # Shapes shared by the gate/up kernel and its x staging (template ints BITS, GS, D, P, CS).
 MMA_CONSTANTS = r"""
@@ -109,7 +109,9 @@ GATE_UP_MMA = r"""
   // (warps), S (warps that split a row's blocks), G (threadgroups per token), PD (blocks each
   // warp has in flight), P (bfloat16 pieces of x), CS (column stride of the used B columns),
   // RBM (rounds whose row sums are added after one barrier), PF (L2 hints, below); input xmap
-  // (FM_XB 0: the threadgroup stages x itself) or xb (FM_XB 1: fm_stage_x_mma's, copied).
+  // (FM_XB 0: the threadgroup stages x itself) or xb (FM_XB 1: fm_stage_x_mma's, copied); with
+  // FM_DOWN_HINT, DH and inputs wd, sd, bd: L2 hints of down's rows as v2's (DOWN_L2_HINTS), by
+  // rounds.
   // An item is 16 rows of one expert (one A tile tall); the W / S items of a round are worked on
   // by S warps each, every warp taking NB / S blocks of the row and loading PD blocks ahead
   // (across items).
@@ -190,6 +192,8 @@ GATE_UP_MMA = r"""
     }
   }
 
+#define FM_DH_STEPS ((ITEMS + WR - 1) / WR)  // rounds, the same for every warp
+""" + DOWN_L2_HINTS + r"""
   int item = fm_warp / S;  // this warp's item in the current round
   for (int r = 1; r < PF && PF < 16; ++r) {
     FM_HINT_AHEAD(item + r * WR)
@@ -271,6 +275,7 @@ GATE_UP_MMA = r"""
   for (int round = 0, base = 0; base < ITEMS; ++round, base += WR) {  // uniform across the threadgroup
     const int next = item + WR;
     FM_HINT_AHEAD(item + PF * WR)
+    FM_DOWN_HINT_STEP();
     float accg[2] = {0.0f, 0.0f};
     float accu[2] = {0.0f, 0.0f};
     if (item < ITEMS) {  // uniform across the warp
@@ -361,7 +366,12 @@ GATE_UP_MMA = r"""
     }
     item = next;
   }
+  FM_DOWN_HINT_LAST();
 #undef FM_MMA_LOAD
+#undef FM_HINT_DOWN
+#undef FM_DOWN_HINT_STEP
+#undef FM_DOWN_HINT_LAST
+#undef FM_DH_STEPS
 #undef FM_HINT_ROWS
 #undef FM_HINT_ARRAY
 #undef FM_HINT_AHEAD

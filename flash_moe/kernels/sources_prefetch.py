@@ -135,10 +135,13 @@ GATE_UP_L2_HINTS = r"""  constexpr int PF_RUN = 16;
 # (weights, scales and biases of each expert: 3K ranges) once it has done (DH - 1) / 8 of its items
 # (DH 1: first thing in its loop, 9: after its last item). Down's bytes then come from DRAM while
 # gate/up leaves bandwidth unused, and down finds them in L2; nothing on targets without hints.
-# Needs n, G, W, K, D, I, BITS, GS, inds, ITEMS; FM_DOWN_HINT_STEP() once per item, FM_DOWN_HINT_LAST
-# after the loop.
+# Needs n, G, W, K, D, I, BITS, GS, inds, ITEMS; FM_DOWN_HINT_STEP() once per item (v6: per round,
+# with FM_DH_STEPS the warp's rounds), FM_DOWN_HINT_LAST after the loop.
 DOWN_L2_HINTS = r"""#if FM_DOWN_HINT
-  const int dh_items = (ITEMS > fm_warp) ? (ITEMS - fm_warp + W - 1) / W : 0;  // this warp's items
+#ifndef FM_DH_STEPS
+#define FM_DH_STEPS ((ITEMS > fm_warp) ? (ITEMS - fm_warp + W - 1) / W : 0)  // this warp's items
+#endif
+  const int dh_items = FM_DH_STEPS;
   const int dh_at = dh_items * (DH - 1) / 8;
   int dh_done = 0;
 #define FM_HINT_DOWN()                                                                          \
@@ -258,6 +261,7 @@ GATE_UP_PF = r"""
 #undef FM_HINT_DOWN
 #undef FM_DOWN_HINT_STEP
 #undef FM_DOWN_HINT_LAST
+#undef FM_DH_STEPS
 """
 
 DOWN_PF = r"""

@@ -99,16 +99,17 @@ def variants(target: str) -> List[Tuple[str, launch.Plan]]:
             out.append((f"v5_small_ring_D{D}_I{I}_b{bits}_{sdt}".replace("mlx.core.", ""), plan))
     finally:
         launch.TUNING["expert_mlp_ska"] = saved
-    # v6 with x staged once per token (a launch of its own), and with its L2 hints on
+    # v6 with x staged once per token (a launch of its own), with its L2 hints on, and hinting
+    # down's rows (CUDA only)
     saved = dict(launch.TUNING["gate_up_mma"])
     try:
-        for xb, pf in ((1, 0), (0, 1), (0, 16)):
-            launch.TUNING["gate_up_mma"] = dict(saved, XB=xb, PF=pf)
+        for xb, pf, dh in ((1, 0, 0), (0, 1, 0), (0, 16, 0), (1, 1, 9), (0, 0, 5)):
+            launch.TUNING["gate_up_mma"] = dict(saved, XB=xb, PF=pf, DH=dh)
             for D, I, bits, xdt, N in ((4096, 1024, 4, bf16, 1), (4096, 1024, 2, f16, 2), (1024, 256, 4, f32, 1)):
                 w = _experts(10, D, I, bits, 64, bf16)
                 plans = launch.plan_expert_mlp(target, A((N, D), xdt), w, A((N, 10), mx.int32),
                                                A((N, 10), bf16), version=6)
-                out += [(f"v6_xb{xb}_pf{pf}_{p.spec.name}_D{D}_I{I}_b{bits}_N{N}_{xdt}".replace("mlx.core.", ""), p)
+                out += [(f"v6_xb{xb}_pf{pf}_dh{dh}_{p.spec.name}_D{D}_I{I}_b{bits}_N{N}_{xdt}".replace("mlx.core.", ""), p)
                         for p in plans if p.spec.name != "down_pf"]
     finally:
         launch.TUNING["gate_up_mma"] = saved
