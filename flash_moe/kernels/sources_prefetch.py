@@ -289,16 +289,16 @@ DOWN_PF = r"""
   ST b0[R][NSTEP], b1[R][NSTEP];
   // This lane's first word, scale and bias (row row0 + sub of its expert); rows and steps are
   // constant offsets from them, so the loads need no 64-bit address arithmetic.
-  const FM_DEVICE uint32_t* wl = wd + (wbase + row0 + sub) * WPR + sl * EPL / PACK;
-  const FM_DEVICE ST* sl_ = sd + (wbase + row0 + sub) * GPR + sl * EPL / GS;
-  const FM_DEVICE ST* bl = bd + (wbase + row0 + sub) * GPR + sl * EPL / GS;
+  const FM_DEVICE uint32_t* lane_w = wd + (wbase + row0 + sub) * WPR + sl * EPL / PACK;
+  const FM_DEVICE ST* lane_s = sd + (wbase + row0 + sub) * GPR + sl * EPL / GS;
+  const FM_DEVICE ST* lane_b = bd + (wbase + row0 + sub) * GPR + sl * EPL / GS;
 #define FM_LOAD_ROWS(q, sc, bi, iter)                                      \
   for (int r = 0; r < R; ++r) {                                            \
     const int dr = ((iter) * R + r) * SUB;                                 \
     for (int s = 0; s < NSTEP; ++s) {                                      \
-      q[r][s] = *((const FM_DEVICE uint4*)(wl + dr * WPR + s * STEP / PACK)); \
-      sc[r][s] = sl_[dr * GPR + s * STEP / GS];                            \
-      bi[r][s] = bl[dr * GPR + s * STEP / GS];                             \
+      q[r][s] = *((const FM_DEVICE uint4*)(lane_w + dr * WPR + s * STEP / PACK)); \
+      sc[r][s] = lane_s[dr * GPR + s * STEP / GS];                         \
+      bi[r][s] = lane_b[dr * GPR + s * STEP / GS];                         \
     }                                                                      \
   }
 // The R rows of iteration iter: dot products, then the lane sums. Rows go in pairs, one
