@@ -123,8 +123,10 @@ def test_expert_mlp_v2_launch_variants(gate_up, down, bits, N, dims, monkeypatch
 
 @pytest.mark.parametrize("mma", [dict(S=8, WR=1, PD=4, tgs=0), dict(S=4, WR=2, PD=2, tgs=0),
                                  dict(S=2, WR=4, PD=4, tgs=48), dict(S=8, WR=1, PD=1, tgs=0, CS=1),
-                                 dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=1)],
-                         ids=["S8-PD4", "S4-WR2", "S2-WR4-few-groups", "CS1", "staged-per-token"])
+                                 dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=1),
+                                 dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=1, DH=9), dict(S=8, WR=1, PD=4, tgs=0, DH=1)],
+                         ids=["S8-PD4", "S4-WR2", "S2-WR4-few-groups", "CS1", "staged-per-token",
+                              "staged-down-hints-end", "down-hints-start"])
 @pytest.mark.parametrize("bits, N, xdt", [(4, 1, mx.bfloat16), (2, 1, mx.bfloat16), (4, 3, mx.float16),
                                           (2, 2, mx.bfloat16)])
 def test_expert_mlp_matrix_units(mma, bits, N, xdt, monkeypatch):
@@ -138,6 +140,7 @@ def test_expert_mlp_matrix_units(mma, bits, N, xdt, monkeypatch):
     inds, scores = routing(N, k, U, seed=N + bits)
     *staged, gate_up, _ = launch.plan_expert_mlp(K.active_backend(), x, w, inds, scores)
     assert gate_up.spec.name.startswith("gate_up_mma") and len(staged) == mma.get("XB", 0)
+    assert gate_up.spec.name.endswith("_dh") == (bool(mma.get("DH")) and K.active_backend() == "cuda")
     assert gate_up.template["PD"] == min(mma["PD"], H // (512 // bits) // gate_up.template["S"])
     y = K.expert_mlp(x, w, inds, scores, out_dtype=mx.float32)
     ref = reference.expert_mlp(x.astype(mx.float32), upcast(w), inds, scores)
