@@ -18,7 +18,7 @@ can be compiled on a machine without the GPU: clang against a Metal shim
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -270,15 +270,16 @@ GATE_UP_PF = KernelSpec(
     body=sources_prefetch.GATE_UP_PF,
     template=("BITS", "GS", "D", "I", "K", "R", "W", "G", "DB", "PF", "XT", "ST"),
 )
-# v2's gate/up that also hints down's rows into L2 (DH; CUDA only: Metal has no such hint).
-GATE_UP_PF_DH = KernelSpec(
-    name="gate_up_pf_dh",
-    inputs=_PROJ_INPUTS + ("wd", "sd", "bd"),
-    outputs=("h",),
-    body=sources_prefetch.GATE_UP_PF,
-    template=GATE_UP_PF.template + ("DH",),
-    defines=(("FM_DOWN_HINT", "1"),),
-)
+
+
+def _with_down_hints(spec: KernelSpec) -> KernelSpec:
+    """A gate/up kernel that also hints down's rows into L2 (template int DH, inputs wd, sd, bd;
+    sources_prefetch.DOWN_L2_HINTS). CUDA only: Metal has no such hint."""
+    return replace(spec, name=spec.name + "_dh", inputs=spec.inputs + ("wd", "sd", "bd"),
+                   template=spec.template + ("DH",), defines=spec.defines + (("FM_DOWN_HINT", "1"),))
+
+
+GATE_UP_PF_DH = _with_down_hints(GATE_UP_PF)
 DOWN_PF, DOWN_COMBINE_PF = _down_pair("_pf", sources_prefetch.DOWN_PF,
                                       ("BITS", "GS", "D", "O", "K", "R", "RPT", "PF", "ST", "RT", "OutT"))
 # v6: gate/up on the matrix units (down is v2's); each threadgroup stages x itself, or (XB) a
@@ -288,13 +289,9 @@ GATE_UP_MMA = KernelSpec(name="gate_up_mma", inputs=_PROJ_INPUTS + ("xmap",), ou
                          body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE, defines=(("FM_XB", "0"),))
 GATE_UP_MMA_XB = KernelSpec(name="gate_up_mma_xb", inputs=_PROJ_INPUTS + ("xb",), outputs=("h",),
                             body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE, defines=(("FM_XB", "1"),))
-# v6's gate/up that also hints down's rows into L2 (DH, as v2's; CUDA only).
-GATE_UP_MMA_DH = KernelSpec(name="gate_up_mma_dh", inputs=GATE_UP_MMA.inputs + ("wd", "sd", "bd"), outputs=("h",),
-                            body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE + ("DH",),
-                            defines=(("FM_XB", "0"), ("FM_DOWN_HINT", "1")))
-GATE_UP_MMA_XB_DH = KernelSpec(name="gate_up_mma_xb_dh", inputs=GATE_UP_MMA_XB.inputs + ("wd", "sd", "bd"),
-                               outputs=("h",), body=sources_mma.GATE_UP_MMA, template=_MMA_TEMPLATE + ("DH",),
-                               defines=(("FM_XB", "1"), ("FM_DOWN_HINT", "1")))
+GATE_UP_MMA_DH, GATE_UP_MMA_XB_DH = _with_down_hints(GATE_UP_MMA), _with_down_hints(GATE_UP_MMA_XB)
+# Each gate/up kernel and its variant that hints down's rows (launch plans swap one for the other).
+DOWN_HINTED = {GATE_UP_PF: GATE_UP_PF_DH, GATE_UP_MMA: GATE_UP_MMA_DH, GATE_UP_MMA_XB: GATE_UP_MMA_XB_DH}
 STAGE_X_MMA = KernelSpec(name="stage_x_mma", inputs=("x", "xmap"), outputs=("xb",), body=sources_mma.STAGE_X_MMA,
                          template=("BITS", "GS", "D", "P", "CS", "W", "TPT", "XT"))
 # Split-K expert MLP, v4: one launch, gate/up and down per chunk of expert rows, atomic sum.

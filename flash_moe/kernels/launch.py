@@ -384,6 +384,15 @@ def _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     return gate_up, down
 
 
+def _hinting_down_rows(target, dh, spec, inputs, template, w):
+    """A gate/up plan's (spec, inputs, template), swapped for the variant that also hints down's
+    rows into L2 when DH is set and the target has the hint (CUDA; nothing on Metal)."""
+    if not dh or target != "cuda":
+        return spec, inputs, template
+    return (codegen.DOWN_HINTED[spec], inputs + [w.down.weight, w.down.scales, w.down.biases],
+            dict(template, DH=dh))
+
+
 def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     """gate/up: the K*I rows of a token in items of R*SUB rows, G threadgroups per token;
     down: one warp per expert (K <= 16), RPT rows per threadgroup."""
@@ -411,9 +420,7 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
         W //= 2
     spec, inputs = codegen.GATE_UP_PF, _gate_up_inputs(x, w, inds)
     template = dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=db, PF=pf, XT=x.dtype, ST=w.gate.scales.dtype)
-    if dh and target == "cuda":  # gate/up also hints down's rows into L2 (no such hint on Metal)
-        spec, template = codegen.GATE_UP_PF_DH, dict(template, DH=dh)
-        inputs += [w.down.weight, w.down.scales, w.down.biases]
+    spec, inputs, template = _hinting_down_rows(target, dh, spec, inputs, template, w)
     gate_up = Plan(spec, inputs, template, N * G, W * 32, [(N * K, I)], [mx.float32])
     down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
     return None if down is None else (gate_up, down)
@@ -554,9 +561,7 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
         spec, inputs = codegen.GATE_UP_MMA_XB, _gate_up_inputs(x, w, inds) + [ArraySpec((N, words), mx.uint32)]
     else:
         spec, inputs = codegen.GATE_UP_MMA, _gate_up_inputs(x, w, inds) + [xmap]
-    if DH and target == "cuda":  # gate/up also hints down's rows into L2, as v2's (no such hint on Metal)
-        spec = codegen.GATE_UP_MMA_XB_DH if staged else codegen.GATE_UP_MMA_DH
-        inputs, template = inputs + [w.down.weight, w.down.scales, w.down.biases], dict(template, DH=DH)
+    spec, inputs, template = _hinting_down_rows(target, DH, spec, inputs, template, w)
     gate_up = Plan(spec, inputs, template, N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem)
     down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
     return None if down is None else staged + (gate_up, down)
@@ -655,9 +660,10 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
     first); a plan's ``ArraySpec`` input is a placeholder for the previous plan's output.
     Version 4: one plan whose output is a float32 accumulator (``expert_mlp`` casts it).
     ``combine`` = (shared_out, shared_gate, residual) fuses ``moe_combine`` into the down launch
-    of v1, v2 and v6, and adds it as a last launch to v4's (it casts the sum back). ``inds`` must be int32. ``version`` picks the projection kernels
-    (default ``default_version``). ``out_dtype`` (without a combine): what v1's and v2's down
-    kernel writes (default x's dtype; v4 and v5 always write a float32 sum).
+    of v1, v2 and v6, and adds it as a last launch to v4's (it casts the sum back). ``inds`` must
+    be int32. ``version`` picks the projection kernels (default ``default_version``).
+    ``out_dtype`` (without a combine): what v1's and v2's down kernel writes (default x's dtype;
+    v4 and v5 always write a float32 sum).
     """
     if not w.quantized or w.bits not in (2, 4, 8) or w.group_size not in (32, 64, 128):
         return None

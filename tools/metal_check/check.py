@@ -193,18 +193,22 @@ def _nvcc_cubin(nvcc: Optional[str], out: str) -> List[str]:
     return [nvcc, "-std=c++17", "-arch=sm_90", "-cubin", "-o", out, "-I", str(HERE / "cuda_stub")]
 
 
+def _in_cubin(src: str, read, nvcc: Optional[str] = None):
+    """``read(directory)`` on a directory holding ``unit.cubin``, the sm_90 build of ``src``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "unit.cu").write_text(src)
+        proc = subprocess.run(_nvcc_cubin(nvcc, "unit.cubin") + ["unit.cu"], capture_output=True, text=True, cwd=tmp)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        return read(Path(tmp))
+
+
 def count_sass(label_filter: str = "", nvcc: Optional[str] = None) -> Dict[str, int]:
     """label -> static machine instructions of every CUDA variant whose label contains the filter."""
-    cmd = _nvcc_cubin(nvcc, "unit.cubin")
     units = {k: v for k, v in translation_units("cuda").items() if label_filter in k}
 
     def one(src: str) -> int:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "unit.cu").write_text(src)
-            proc = subprocess.run(cmd + ["unit.cu"], capture_output=True, text=True, cwd=tmp)
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-2000:])
-            return sum(sass_instructions((Path(tmp) / "unit.cubin").read_bytes()).values())
+        return _in_cubin(src, lambda d: sum(sass_instructions((d / "unit.cubin").read_bytes()).values()), nvcc)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         return dict(zip(units, pool.map(one, units.values())))
@@ -230,15 +234,11 @@ def print_loops(label_filter: str, nvcc: Optional[str] = None) -> None:
     if not (shutil.which("cuobjdump") and shutil.which("nvdisasm")):
         raise FileNotFoundError("--loops needs cuobjdump and nvdisasm on PATH "
                                 "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
-    cmd = _nvcc_cubin(nvcc, "unit.cubin")
     for label, src in translation_units("cuda").items():
         if label_filter not in label:
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "unit.cu").write_text(src)
-            subprocess.run(cmd + ["unit.cu"], capture_output=True, text=True, cwd=tmp, check=True)
-            sass = subprocess.run(["cuobjdump", "-sass", "unit.cubin"], capture_output=True, text=True,
-                                  cwd=tmp, check=True).stdout
+        sass = _in_cubin(src, lambda d: subprocess.run(["cuobjdump", "-sass", "unit.cubin"], capture_output=True,
+                                                       text=True, cwd=d, check=True).stdout, nvcc)
         print(label)
         for start, end, ops in loop_bodies(sass):
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
