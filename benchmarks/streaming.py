@@ -17,7 +17,6 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import List
 
@@ -71,14 +70,6 @@ class Table:
         return "\n".join([line(head), "-+-".join("-" * x for x in w)] + [line(r) for r in self.rows])
 
 
-def warmup_shape(shape: Shape) -> Shape:
-    """The benchmark model's shapes in a model small enough to load anywhere: the same hidden and
-    expert sizes, k, dtype and bits (so the same kernels and matmul shapes), 4 layers (both
-    attention kinds) and 3k experts: enough that an 8-token prompt needs more experts of a layer
-    than one read takes, as in the real model (the grouped prompt path and the expert cache)."""
-    return replace(shape, layers=min(shape.layers, 4), experts=min(shape.experts, 3 * shape.top_k))
-
-
 def load_capped(packed: Path, threads: int, cache_bytes: int):
     """The over-memory child's model: an expert cache and a largest read of ``cache_bytes``."""
     import flash_moe
@@ -89,14 +80,16 @@ def load_capped(packed: Path, threads: int, cache_bytes: int):
 
 
 def start_gpu_runtime(packed: Path, threads: int, cache_bytes: int) -> None:
-    """Run the over-memory child's decode (8-token prompt, 2 tokens) on the small model of the
-    same shapes (``warmup_shape``) and free it.
+    """Run the over-memory child's decode (8-token prompt, 2 tokens) on the model once and free it.
 
     The GPU runtime maps its libraries, loads the kernels for the shapes it meets and allocates
     its host-side state at the first forward pass: ~0.9 GB of host memory on an H100 with MLX
-    CUDA 0.32.4, of which ~0.2 GB only appears at the real model's shapes (session 6: a tiny
-    model's warm-up left that to the first real pass). Started this way before the real model
-    is loaded, it is part of the footprint measured after load instead of a constant in the bound.
+    CUDA 0.32.4. Part of it only appears at the model's own shapes: a small model of the same
+    sizes with 30 experts and 4 layers left ~52 MB of the main heap to the real model's first
+    step (live allocations by glibc's count, made once per process: a second model's decode
+    adds none; ``python -m benchmarks.rss_trace --models 2``, H200, session 14). Started this
+    way before the measured load, all of it is in the footprint measured after load instead of
+    a constant in the bound.
     """
     import gc
 
@@ -123,7 +116,7 @@ def overmem_child(args) -> None:
     base = rss()
     if args.warmup_packed:
         start_gpu_runtime(Path(args.warmup_packed), args.threads, args.cache_bytes)
-        stage("GPU runtime started (small model, same shapes)")
+        stage("GPU runtime started (the model decoded once)")
     runtime = rss() - base
     model = load_capped(args.packed, args.threads, args.cache_bytes)
     if args.prefetch:
@@ -288,7 +281,7 @@ def run(args) -> str:
     argv = child_argv("--overmem-child", "--packed", str(packed), "--tokens", str(n_tok), "--threads",
                       str(args.threads), "--cache-bytes", str(budget))
     if not cpu:  # the GPU runtime's host memory is measured, at the model's shapes (start_gpu_runtime)
-        argv += ["--warmup-packed", str(ensure_models(warmup_shape(shape), Path(args.workdir), log)["packed"])]
+        argv += ["--warmup-packed", str(packed)]
     try:
         if not args.no_overmem:
             # First without a cap (in a group of its own, for the figures): what the process holds.

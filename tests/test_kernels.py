@@ -314,6 +314,31 @@ def test_cuda_dequantization_takes_one_lop3_per_element(monkeypatch):
     assert unfused - fused >= 200, (fused, unfused)
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_matrix_unit_threadgroups_fit_the_register_file(monkeypatch):
+    """A v6 gate/up threadgroup asking more than 64K registers fails to launch (the H200 refused
+    S8 WR2 PD4: 160 registers x 512 threads). Whatever shape is asked for, the planner shrinks
+    the threadgroup until the registers ptxas gives the sm_90 kernel fit."""
+    import re
+    cmd = check._nvcc_cubin(None, "/dev/null") + ["-Xptxas", "-v"]
+    asked = [(4, mx.bfloat16, dict(S=8, WR=2, PD=4, XB=1)), (4, mx.float16, dict(S=8, WR=2, PD=4, XB=0)),
+             (4, mx.float32, dict(S=16, WR=1, PD=2, XB=0)), (2, mx.float16, dict(S=8, WR=2, PD=2, XB=0)),
+             (4, mx.bfloat16, dict(S=4, WR=4, PD=4, XB=0))]
+    for bits, xdt, shape in asked:
+        monkeypatch.setitem(launch.TUNING, "gate_up_mma", dict(launch.TUNING["gate_up_mma"], **shape))
+        w = check._experts(10, 4096, 1024, bits, 64, mx.bfloat16)
+        plans = launch.plan_expert_mlp("cuda", check.A((1, 4096), xdt), w, check.A((1, 10), mx.int32),
+                                       check.A((1, 10), mx.bfloat16), version=6)
+        (plan,) = [p for p in plans if p.spec.name.startswith("gate_up_mma")]
+        src = codegen.cuda_translation_unit(plan.spec, check._infos(plan), plan.out_dtypes,
+                                            codegen.template_args(plan.spec, plan.template))
+        rc, log = check._compile(cmd, src, ".cu")
+        assert rc == 0, log
+        (regs,) = map(int, re.findall(r"Used (\d+) registers", log))
+        assert regs * plan.group_size <= 65536, (bits, xdt, shape, plan.template, regs)
+        assert plan.template["PD"] == shape["PD"]  # the blocks in flight stay as asked; the warps give way
+
+
 def test_sass_loop_bodies_are_found():
     """``check.py --loops`` reads loops off ``cuobjdump -sass`` text: the code from a backward
     branch's target to the branch, predicated opcodes counted by their opcode."""

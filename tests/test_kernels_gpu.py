@@ -124,9 +124,10 @@ def test_expert_mlp_v2_launch_variants(gate_up, down, bits, N, dims, monkeypatch
 @pytest.mark.parametrize("mma", [dict(S=8, WR=1, PD=4, tgs=0), dict(S=4, WR=2, PD=2, tgs=0),
                                  dict(S=2, WR=4, PD=4, tgs=48), dict(S=8, WR=1, PD=1, tgs=0, CS=1),
                                  dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=1),
-                                 dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=1, DH=9), dict(S=8, WR=1, PD=4, tgs=0, DH=1)],
+                                 dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=1, DH=9), dict(S=8, WR=1, PD=4, tgs=0, DH=1),
+                                 dict(S=8, WR=2, PD=4, tgs=0, PF=1, XB=1)],
                          ids=["S8-PD4", "S4-WR2", "S2-WR4-few-groups", "CS1", "staged-per-token",
-                              "staged-down-hints-end", "down-hints-start"])
+                              "staged-down-hints-end", "down-hints-start", "PD4-too-many-registers-asked"])
 @pytest.mark.parametrize("bits, N, xdt", [(4, 1, mx.bfloat16), (2, 1, mx.bfloat16), (4, 3, mx.float16),
                                           (2, 2, mx.bfloat16)])
 def test_expert_mlp_matrix_units(mma, bits, N, xdt, monkeypatch):

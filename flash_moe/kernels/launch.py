@@ -51,7 +51,9 @@ TUNING: Dict[str, Dict[str, int]] = {
     # PF: L2 hints (1-15 rounds ahead, 16 the whole run); XB: 1 stages x once per token in a
     # launch of its own instead of in every threadgroup (H200, 2 bits: gate/up 19.6 us against
     # 23.6 without; KERNELS_NOTES.md, Run 12); DH: down's rows hinted into L2 as by v2's gate/up,
-    # counted in rounds (0 until measured on a GPU: written after Run 13's device time).
+    # counted in rounds (0: at 2 bits it costs gate/up what it saves down, 31.0 us a call against
+    # 31.3 with DH 9; Run 14). PD beyond what the register file holds at S * WR warps shrinks
+    # the threadgroup (mma_registers).
     "gate_up_mma": {"S": 8, "WR": 2, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 1, "XB": 1, "DH": 0},
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
@@ -496,9 +498,14 @@ def mma_x_map(target: str, D: int, bits: int, gs: int, pieces: int, stride: int)
 
 
 MMA_PIECES = {mx.bfloat16: 1, mx.float16: 2, mx.float32: 3}  # bfloat16 pieces that hold x exactly
-# Registers a v6 gate/up thread takes by x's pieces (sm_90, `check.py --ptxas`: 79-123 with one or
-# two pieces, 138 with three), rounded up: a threadgroup asking more than 64K fails to launch.
-MMA_REGISTERS = {1: 128, 2: 128, 3: 160}
+
+
+def mma_registers(P: int, PD: int) -> int:
+    """Registers a v6 gate/up thread may take with x in P pieces and PD blocks in flight, an upper
+    bound: a threadgroup asking more than 64K fails to launch ("too many resources"). sm_90 ptxas
+    (`check.py --ptxas`, bits 4 and 2, x staged or not) takes 77-96 at PD 1, 95-184 at PD 2 and
+    160-248 at PD 4, growing with P; 32 * (P + PD + 1) is above each."""
+    return 32 * (P + PD + 1)
 
 
 def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
@@ -520,15 +527,22 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
     while nb % S:
         S //= 2
     WR = max(1, t["WR"])
-    while S * WR * 32 * MMA_REGISTERS[P] > 65536:  # the threadgroup must fit one SM's registers
+
+    def blocks_in_flight(S):
+        PD = max(1, min(t["PD"], nb // S))
+        while (nb // S) % PD:
+            PD //= 2
+        return PD
+
+    while S * WR * 32 * mma_registers(P, blocks_in_flight(S)) > 65536:  # the threadgroup must fit one SM
         if WR > 1:
             WR //= 2
-        else:
+        elif S > 1:
             S //= 2
+        else:
+            break
     W = S * WR
-    PD = max(1, min(t["PD"], nb // S))
-    while (nb // S) % PD:
-        PD //= 2
+    PD = blocks_in_flight(S)
     items = K * I // 16
     tgs = t["tgs"] or gpu_cores(target) or 256
     run = -(-items // max(1, min(items, tgs // N)))
