@@ -189,12 +189,15 @@ CONFIGS = {
                            dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),
                            dict(C=32, W=8, R=1, RD=1)]),),
     # v6: gate/up on the matrix units (S warps per 16-row item, WR items at once, PD blocks in flight;
-    # XB: x staged once per token by a launch of its own; DH: down's rows hinted, as v2's)
+    # XB: x staged once per token by a launch of its own; DH: down's rows hinted, as v2's; MD: down
+    # on the matrix units too, T 16-row tiles per threadgroup, PD blocks in flight)
     6: (("gate_up_mma", [dict(S=16, WR=1, PD=2, tgs=0, PF=0), dict(S=8, WR=2, PD=2, tgs=0, PF=0), dict(S=8, WR=2, PD=2, tgs=0, PF=1),
                          dict(S=4, WR=4, PD=2, tgs=0, PF=1), dict(S=16, WR=1, PD=1, tgs=0, PF=1),
                          dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0), dict(S=16, WR=1, PD=2, tgs=0, PF=0, XB=0),
-                         dict(S=8, WR=2, PD=2, tgs=0, PF=1, DH=9), dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0, DH=9)]),
-        ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512)])),
+                         dict(S=8, WR=2, PD=2, tgs=0, PF=1, DH=9), dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0, DH=9),
+                         dict(S=8, WR=2, PD=2, tgs=0, PF=1, MD=1), dict(S=16, WR=1, PD=2, tgs=0, PF=1, MD=1)]),
+        ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512)]),
+        ("down_mma", [dict(T=1, PD=2), dict(T=1, PD=4), dict(T=2, PD=4), dict(T=1, PD=8), dict(T=4, PD=2)])),
     5: (("expert_mlp_ska", [dict(C=64, W=4, R=1, RD=4, P=4), dict(C=64, W=4, R=1, RD=4, P=3),
                             dict(C=64, W=4, R=1, RD=2, P=4), dict(C=64, W=4, R=1, RD=4, P=6),
                             dict(C=64, W=2, R=1, RD=4, P=6), dict(C=64, W=8, R=1, RD=4, P=3),
@@ -227,8 +230,8 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
             t = timeit(chained(lambda xi, i: launch.expert_mlp(target, xi, ws[i % sets], inds, scores,
                                                                version=version), x))
             shape = " ".join(f"{n}{v}" for p in plans for n, v in p.template.items()
-                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF", "DH", "S", "PD"))
-            shape += f" XB{cfg['XB']}" if "XB" in cfg else ""  # (a launch of its own, not a template value)
+                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF", "DH", "S", "PD", "T"))
+            shape += "".join(f" {n}{cfg[n]}" for n in ("XB", "MD") if n in cfg)  # (launches, not template values)
             row(key, f"b{bits} k{k} {shape} chained", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:
                 best[key] = (t, cfg)

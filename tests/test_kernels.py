@@ -339,6 +339,21 @@ def test_matrix_unit_threadgroups_fit_the_register_file(monkeypatch):
         assert plan.template["PD"] == shape["PD"]  # the blocks in flight stay as asked; the warps give way
 
 
+def test_ncu_sweep_counts_each_staging_launch_with_its_kernel(capsys):
+    """tools/ncu_sweep.py reads Nsight Compute's CSV rows: v6's x staging (XB) counts with the
+    gate/up launch after it, the h staging of down on the matrix units (MD) with the down launch."""
+    spec = importlib.util.spec_from_file_location("ncu_sweep", TOOLS.parent / "ncu_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    names = ["stage_x_mma_1", "gate_up_mma_xb_2", "stage_h_mma_3", "down_mma_4"]
+    rows = [{"ID": str(i), "Kernel Name": name, "Metric Name": "gpu__time_duration.sum", "Metric Value": str(us * 1000)}
+            for i, (name, us) in enumerate(zip(names, (1.5, 20.0, 2.0, 6.0)))]
+    best = sweep.report(rows, [({"S": 8, "MD": 1}, {"R": 1})], calls=1, bits=4, k=10, keep_l2=True)
+    line = capsys.readouterr().out.splitlines()[-1].split()
+    assert line[-6:-3] == ["21.5", "8.0", "29.5"]  # gate/up, down, sum (us); then GB/s, registers, occupancy
+    assert best == {"gate_up_mma": {"S": 8, "MD": 1}, "down_pf": {"R": 1}}
+
+
 def test_sass_loop_bodies_are_found():
     """``check.py --loops`` reads loops off ``cuobjdump -sass`` text: the code from a backward
     branch's target to the branch, predicated opcodes counted by their opcode."""
@@ -659,6 +674,76 @@ def test_simulated_matrix_unit_gate_up_matches_reference(layout, bits, gs, H, I,
     down.inputs[0] = h
     (y,) = simt.simulate(down)
     assert rel(y, np_expert_mlp(x, w, inds, scores)) < 1e-5
+
+
+def _bf16_pieces(h: mx.array, pieces: int) -> mx.array:
+    """h as the sum of its first ``pieces`` bfloat16 pieces (rounded to nearest, as the kernels split)."""
+    out, rest = mx.zeros_like(h), h
+    for _ in range(pieces):
+        piece = rest.astype(mx.bfloat16).astype(mx.float32)
+        out, rest = out + piece, rest - piece
+    return out
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", ["cuda", "metal"])
+@pytest.mark.parametrize("bits, gs, H, I, N, K, xdt, sdt, T, PD", [
+    (4, 64, 256, 256, 1, 3, mx.bfloat16, mx.bfloat16, 1, 2),  # the decode case: h in 1 piece
+    (4, 64, 256, 128, 2, 2, mx.float16, mx.float32, 2, 1),    # 2 pieces, 2 tiles a threadgroup
+    (2, 64, 512, 256, 1, 3, mx.bfloat16, mx.float16, 4, 1),   # 2-bit: 3 fields per view, 4 groups
+    (4, 128, 256, 256, 1, 2, mx.float32, mx.bfloat16, 1, 2),  # 3 pieces (exact), one group a block
+    (4, 32, 256, 512, 1, 2, mx.bfloat16, mx.bfloat16, 2, 2),  # a group per chunk: 4 used columns
+])
+def test_simulated_matrix_unit_down_matches_v2s_down(layout, bits, gs, H, I, N, K, xdt, sdt, T, PD, monkeypatch):
+    """v6 with MD: h staged per (token, slot) pair, then down on the matrix units, under both
+    lane layouts. On an h already in as many bfloat16 pieces as x's dtype gives it, its sum
+    matches v2's down on the same h to 1e-5; from gate/up's own h, the float64 reference to what
+    the pieces keep (one: a bfloat16 h, as mlx-lm's SwitchGLU rounds it)."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", dict(launch.TUNING["gate_up_mma"], S=2, WR=2, tgs=N, XB=0, MD=1))
+    monkeypatch.setitem(launch.TUNING, "down_mma", {"T": T, "PD": PD, "CS": 2})
+    U = 5
+    w = make_experts(U, H, I, bits, gs, sdt, seed=bits + I)
+    x = mx.random.normal((N, H)).astype(xdt)
+    inds = mx.array(np.random.default_rng(H + I + N).integers(0, U, (N, K)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1)
+    gate_up, stage, down = launch.plan_expert_mlp(layout, x, w, inds, scores, version=6, out_dtype=mx.float32)
+    t = down.template
+    assert (stage.spec.name, down.spec.name) == ("stage_h_mma", "down_mma")
+    assert (t["T"], t["PD"], t["P"]) == (T, PD, launch.MMA_PIECES[xdt]) and H // (16 * T) * N == down.n_groups
+    *_, v2_down = launch.plan_expert_mlp(layout, x, w, inds, scores, version=2, out_dtype=mx.float32)
+    assert v2_down.spec.name == "down_pf"
+    (h,) = simt.simulate(gate_up, layout=layout)
+
+    def mma_down(h):
+        stage.inputs[0] = h
+        (staged,) = simt.simulate(stage, layout=layout)
+        down.inputs[0] = staged
+        (y,) = simt.simulate(down, layout=layout)
+        return y
+
+    h_kept = _bf16_pieces(h, t["P"])  # (a power-of-two pre-scale does not change the pieces)
+    v2_down.inputs[0] = h_kept
+    (want,) = simt.simulate(v2_down)
+    assert rel(mma_down(h_kept), want) < 1e-5
+    tolerance = {1: 4e-3, 2: 2e-5, 3: 1e-5}[t["P"]]  # measured: 1.5-2.0e-3, 4e-6, 3e-6
+    assert rel(mma_down(h), np_expert_mlp(x, w, inds, scores)) < tolerance
+
+
+@needs_cxx
+def test_simulated_matrix_unit_down_fuses_the_combine(monkeypatch):
+    """v6 with MD and the combine fused into down: the last launch is down_combine_mma, and the
+    result (float32 x: h in three pieces, exact) matches the reference to 1e-5."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", dict(launch.TUNING["gate_up_mma"], S=2, WR=2, tgs=2, MD=1))
+    w = make_experts(4, 256, 256, 4, 64, seed=7)
+    x = mx.random.normal((2, 256))
+    inds = mx.array([[0, 3], [2, 2]], dtype=mx.int32)
+    scores = mx.softmax(mx.random.normal((2, 2)), axis=-1)
+    sh, gate, res = mx.random.normal((2, 256)), mx.random.normal((2, 1)), mx.random.normal((2, 256))
+    plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, (sh, gate, res), version=6)
+    assert [p.spec.name for p in plans][-2:] == ["stage_h_mma", "down_combine_mma"]
+    y = _sim_expert_mlp(x, w, inds, scores, combine=(sh, gate, res), version=6)
+    expected = reference.moe_combine(reference.expert_mlp(x, w, inds, scores), sh, gate, res)
+    assert rel(y, expected) < 1e-5
 
 
 @needs_cxx

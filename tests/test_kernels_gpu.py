@@ -149,6 +149,28 @@ def test_expert_mlp_matrix_units(mma, bits, N, xdt, monkeypatch):
     assert rel(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("down", [dict(T=1, PD=2), dict(T=2, PD=4), dict(T=1, PD=8)], ids=["T1-PD2", "T2-PD4", "T1-PD8"])
+@pytest.mark.parametrize("bits, N, xdt", [(4, 1, mx.bfloat16), (2, 1, mx.bfloat16), (4, 3, mx.float16),
+                                          (4, 1, mx.float32)])
+def test_expert_mlp_down_on_matrix_units(down, bits, N, xdt, monkeypatch):
+    """v6 with MD (down on the matrix units, h staged per pair): against the float32 reference on
+    the same x, to what h's bfloat16 pieces keep (one for a bfloat16 x: ~2e-3 in the CPU simulator;
+    two: ~4e-6; three: exact)."""
+    monkeypatch.setattr(launch, "PROJECTION_VERSION", 6)
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", dict(launch.TUNING["gate_up_mma"], MD=1))
+    monkeypatch.setitem(launch.TUNING, "down_mma", dict(down, CS=2))
+    k, U = 10, 24
+    w = experts(U, bits, seed=bits * 5 + N)
+    x = mx.random.normal((N, H)).astype(xdt)
+    inds, scores = routing(N, k, U, seed=N + 2 * bits)
+    *_, stage, down_plan = launch.plan_expert_mlp(K.active_backend(), x, w, inds, scores)
+    assert (stage.spec.name, down_plan.spec.name) == ("stage_h_mma", "down_mma")
+    y = K.expert_mlp(x, w, inds, scores, out_dtype=mx.float32)
+    ref = reference.expert_mlp(x.astype(mx.float32), upcast(w), inds, scores)
+    assert not mx.isnan(y).any().item()
+    assert rel(y, ref) < {1: 5e-3, 2: 5e-5, 3: 1e-5}[launch.MMA_PIECES[xdt]]
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_expert_mlp_fused_combine(bits, projection_version):
     w = experts(10, bits, seed=5)

@@ -1,6 +1,6 @@
 """Launch-shape sweep of the v2 expert kernels by GPU time, as a table (needs Nsight Compute).
 
-    python3 tools/ncu_sweep.py [--bits 4] [--keep-l2] --gate-up R,W,tgs[,DB[,PF[,DH]]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH]]]]] ...]
+    python3 tools/ncu_sweep.py [--bits 4] [--keep-l2] --gate-up R,W,tgs[,DB[,PF[,DH]]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH[,MD]]]]]] ...]
 
 Runs ``tools/profile_expert_mlp.py --sweep`` under ``ncu`` (boost clocks, L2 flushed before
 every kernel, as a decode step meets its weights) and prints, per launch shape, the median GPU
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--gate-up", nargs="*", default=[])
     p.add_argument("--down", nargs="*", default=[])
-    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH]]]]] (XB: x staged per token, its launch counted in gate/up; DH: down's rows hinted)")
+    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH[,MD]]]]]] (XB: x staged per token, its launch counted in gate/up; DH: down's rows hinted; MD: down on the matrix units, its h staging counted in down; its shape from FLASH_MOE_TUNING's down_mma)")
     p.add_argument("--keep-l2", action="store_true", help="do not flush L2 before each kernel")
     p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     p.add_argument("--best-json", type=Path, help="write the fastest gate/up and down shapes here, as JSON "
@@ -52,7 +52,7 @@ def main() -> None:
         metrics = METRICS[:1] if a.keep_l2 else METRICS  # one metric: one pass, no replay
         cmd = [a.ncu, "--clock-control", "none", "--cache-control", "none" if a.keep_l2 else "all", "--csv",
                "--print-units", "base", "--log-file", str(log), "--metrics", ",".join(metrics),
-               "-k", "regex:gate_up_pf|gate_up_mma|stage_x_mma|down_pf", sys.executable, str(ROOT / "tools" / "profile_expert_mlp.py"),
+               "-k", "regex:gate_up_pf|gate_up_mma|stage_x_mma|down_pf|stage_h_mma|down_mma", sys.executable, str(ROOT / "tools" / "profile_expert_mlp.py"),
                "--bits", str(a.bits), "--k", str(a.k), "--calls", str(a.calls), "--sweep",
                "--gate-up", *a.gate_up, "--down", *a.down, "--mma", *a.mma]
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
@@ -75,18 +75,19 @@ def report(rows, shapes, calls: int, bits: int, k: int, keep_l2: bool = False) -
         if "ID" not in r or r.get("Metric Name") not in METRICS:
             continue
         name = r["Kernel Name"]
-        kind = "stage" if "stage_x" in name else "gate_up" if "gate_up" in name else "down"
+        kind = ("stage" if "stage_x" in name else "stage_h" if "stage_h" in name else
+                "gate_up" if "gate_up" in name else "down")
         kernels.setdefault((int(r["ID"]), kind), {})[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
     per_kind = {"gate_up": [], "down": []}
-    staged = None  # v6 with XB: its x staging launch counts with the gate/up launch after it
+    staged = {}  # v6 with XB (MD): its x (h) staging launch counts with the gate/up (down) launch after it
     for (_, kind), m in sorted(kernels.items()):
-        if kind == "stage":
-            staged = m
+        if kind in ("stage", "stage_h"):
+            staged["gate_up" if kind == "stage" else "down"] = m
             continue
-        if kind == "gate_up" and staged is not None:
-            m = dict(m, **{key: m[key] + staged[key] for key in ("gpu__time_duration.sum", "dram__bytes_read.sum")
+        if kind in staged:
+            first = staged.pop(kind)
+            m = dict(m, **{key: m[key] + first[key] for key in ("gpu__time_duration.sum", "dram__bytes_read.sum")
                            if key in m})
-            staged = None
         per_kind[kind].append(m)
     l2 = "L2 as the previous kernel left it" if keep_l2 else "L2 flushed before each kernel"
     print(f"{bits}-bit k={k}, {calls} calls a shape, median; {l2}, boost clocks")

@@ -39,7 +39,8 @@ def main() -> None:
                    "DH: hints of down's rows)")
     p.add_argument("--down", nargs="*", default=None, help="R,threadgroups[,PF] (as many as --gate-up)")
     p.add_argument("--mma", nargs="*", default=None,
-                   help="S,WR,PD,threadgroups[,CS[,RBM[,PF[,XB[,DH]]]]]: v6 gate/up shapes to run too (default down)")
+                   help="S,WR,PD,threadgroups[,CS[,RBM[,PF[,XB[,DH[,MD]]]]]]: v6 gate/up shapes to run too (default "
+                   "down; MD 1: down on the matrix units)")
     a = p.parse_args()
     gate_up_shapes = [tuple(map(int, t.split(","))) for t in a.gate_up] if a.gate_up is not None else GATE_UP
     down_shapes = [tuple(map(int, t.split(","))) for t in a.down] if a.down is not None else DOWN
@@ -54,7 +55,7 @@ def main() -> None:
                    for g, d in zip(gate_up_shapes, down_shapes)]
     default_down = dict(launch.TUNING["down_pf"])
     for m in a.mma or []:
-        shapes.append((dict(zip(("S", "WR", "PD", "tgs", "CS", "RBM", "PF", "XB", "DH"), map(int, m.split(",")))),
+        shapes.append((dict(zip(("S", "WR", "PD", "tgs", "CS", "RBM", "PF", "XB", "DH", "MD"), map(int, m.split(",")))),
                        default_down))
     for gate_up, down in shapes:
         mma = "S" in gate_up  # a v6 shape

@@ -251,11 +251,12 @@ GATE_UP = KernelSpec(
 )
 
 
-def _down_pair(suffix: str, body: str, template: Tuple[str, ...]) -> Tuple[KernelSpec, KernelSpec]:
+def _down_pair(suffix: str, body: str, template: Tuple[str, ...],
+               inputs: Tuple[str, ...] = _DOWN_INPUTS) -> Tuple[KernelSpec, KernelSpec]:
     """A down-projection kernel alone and with ``moe_combine`` fused into it (FM_COMBINE)."""
-    alone = KernelSpec(name="down" + suffix, inputs=_DOWN_INPUTS, outputs=("y",), body=body,
+    alone = KernelSpec(name="down" + suffix, inputs=inputs, outputs=("y",), body=body,
                        template=template, defines=(("FM_COMBINE", "0"),))
-    fused = KernelSpec(name="down_combine" + suffix, inputs=_DOWN_INPUTS + _COMBINE_INPUTS, outputs=("y",),
+    fused = KernelSpec(name="down_combine" + suffix, inputs=inputs + _COMBINE_INPUTS, outputs=("y",),
                        body=body, template=template + ("CT", "GT"), defines=(("FM_COMBINE", "1"),))
     return alone, fused
 
@@ -293,7 +294,13 @@ GATE_UP_MMA_DH, GATE_UP_MMA_XB_DH = _with_down_hints(GATE_UP_MMA), _with_down_hi
 # Each gate/up kernel and its variant that hints down's rows (launch plans swap one for the other).
 DOWN_HINTED = {GATE_UP_PF: GATE_UP_PF_DH, GATE_UP_MMA: GATE_UP_MMA_DH, GATE_UP_MMA_XB: GATE_UP_MMA_XB_DH}
 STAGE_X_MMA = KernelSpec(name="stage_x_mma", inputs=("x", "xmap"), outputs=("xb",), body=sources_mma.STAGE_X_MMA,
-                         template=("BITS", "GS", "D", "P", "CS", "W", "TPT", "XT"))
+                         template=("BITS", "GS", "D", "P", "CS", "W", "TPT", "XT"), defines=(("FM_FROM_H", "0"),))
+# Down on the matrix units (v6 with MD): h staged per (token, slot) pair by the same staging text,
+# reading h as gate/up writes it.
+STAGE_H_MMA = replace(STAGE_X_MMA, name="stage_h_mma", defines=(("FM_FROM_H", "1"),))
+DOWN_MMA, DOWN_COMBINE_MMA = _down_pair("_mma", sources_mma.DOWN_MMA,
+                                        ("BITS", "GS", "D", "O", "K", "T", "PD", "P", "CS", "ST", "RT", "OutT"),
+                                        ("hb",) + _DOWN_INPUTS[1:])  # hb: the staged h (uint32 words)
 # Split-K expert MLP, v4: one launch, gate/up and down per chunk of expert rows, atomic sum.
 EXPERT_MLP_SK = KernelSpec(
     name="expert_mlp_sk", inputs=_PROJ_INPUTS + ("wd", "sd", "bd", "scores"), outputs=("y",),
@@ -324,6 +331,7 @@ GATED_DELTA = KernelSpec(
 ALL_SPECS: Tuple[KernelSpec, ...] = (GATE_UP, DOWN, DOWN_COMBINE, GATE_UP_PF, GATE_UP_PF_DH, DOWN_PF, DOWN_COMBINE_PF,
                                      GATE_UP_MMA,
                                      GATE_UP_MMA_XB, GATE_UP_MMA_DH, GATE_UP_MMA_XB_DH, STAGE_X_MMA,
+                                     STAGE_H_MMA, DOWN_MMA, DOWN_COMBINE_MMA,
                                      EXPERT_MLP_SK, EXPERT_MLP_SKA, COMBINE, GATED_DELTA)
 
 

@@ -54,7 +54,12 @@ TUNING: Dict[str, Dict[str, int]] = {
     # counted in rounds (0: at 2 bits it costs gate/up what it saves down, 31.0 us a call against
     # 31.3 with DH 9; Run 14). PD beyond what the register file holds at S * WR warps shrinks
     # the threadgroup (mma_registers).
-    "gate_up_mma": {"S": 8, "WR": 2, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 1, "XB": 1, "DH": 0},
+    "gate_up_mma": {"S": 8, "WR": 2, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 1, "XB": 1, "DH": 0, "MD": 0},
+    # v6 with MD 1: down on the matrix units as well (h staged per (token, slot) pair by a launch
+    # of its own, then one warp per slot). T: 16-row tiles per threadgroup; PD: blocks each warp
+    # has in flight; CS as gate/up's. Off until measured on a GPU (written after Run 14's device
+    # time).
+    "down_mma": {"T": 1, "PD": 2, "CS": 2},
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
     "expert_mlp_sk": {"C": 64, "W": 4, "R": 1, "RD": 2},
@@ -577,8 +582,54 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
         spec, inputs = codegen.GATE_UP_MMA, _gate_up_inputs(x, w, inds) + [xmap]
     spec, inputs, template = _hinting_down_rows(target, DH, spec, inputs, template, w)
     gate_up = Plan(spec, inputs, template, N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem)
-    down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
-    return None if down is None else staged + (gate_up, down)
+    down = _down_mma_plans(target, x, w, inds, scores, N, D, I, K, out_dtype) if t.get("MD", 0) else None
+    if down is None:  # v2's down
+        down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
+        down = None if down is None else (down,)
+    return None if down is None else staged + (gate_up,) + down
+
+
+def _down_mma_plans(target, x, w, inds, scores, N, D, I, K, out_dtype) -> Optional[Tuple[Plan, Plan]]:
+    """Down on the matrix units: h staged per (token, slot) pair (fm_stage_x_mma reading h as
+    gate/up writes it), then one warp per slot over 16-row tiles. h goes in as many bfloat16 pieces
+    as x's dtype needs (one for bfloat16: h rounded as mlx-lm's bfloat16 SwitchGLU rounds it).
+    None where it does not apply (v2's down runs instead)."""
+    bits, gs = w.bits, w.group_size
+    epl = 128 // bits
+    blk = 4 * epl
+    if bits not in (2, 4) or gs % epl or blk % gs or I % blk or K > 32:
+        return None
+    t = tuning("down_mma", bits)
+    T = max(1, t["T"])
+    while T > 1 and D % (16 * T):
+        T //= 2
+    if D % (16 * T):
+        return None
+    P, nb, gpr = MMA_PIECES[x.dtype], I // blk, I // gs
+    NU = P * (blk // gs)
+    PD = max(1, min(t["PD"], nb))
+    while nb % PD:
+        PD //= 2
+    for CS in (t.get("CS", 2), 1, 2):
+        if CS in (1, 2) and NU * CS <= 8:
+            break
+    else:
+        return None
+    stg = ((I // 16) * mma_b_slots(target, NU, CS) + 1) // 2 + (2 * gpr * P + 3) // 4  # the kernel's STG
+    smem = 16 * (K * stg + (K * 16 * T + 3) // 4 + 8)
+    if smem > DYNAMIC_SMEM_LIMIT[target]:
+        return None
+    xmap = mma_x_map(target, I, bits, gs, P, CS)
+    tpt = max(1, -(-max(xmap.size // 4, 32 * gpr * P) // 256))
+    stage = Plan(codegen.STAGE_H_MMA, [ArraySpec((N * K, I), mx.float32), xmap],
+                 dict(BITS=bits, GS=gs, D=I, P=P, CS=CS, W=8, TPT=tpt, XT=mx.float32),
+                 N * K * tpt, 256, [(N * K, 4 * stg)], [mx.uint32])
+    down = Plan(codegen.DOWN_MMA, [ArraySpec((N * K, 4 * stg), mx.uint32), w.down.weight, w.down.scales,
+                                   w.down.biases, inds, scores],
+                dict(BITS=bits, GS=gs, D=I, O=D, K=K, T=T, PD=PD, P=P, CS=CS, ST=w.down.scales.dtype,
+                     RT=scores.dtype, OutT=out_dtype),
+                N * (D // (16 * T)), K * 32, [(N, D)], [out_dtype], shared_memory=smem)
+    return stage, down
 
 
 def _split_k_chunk(I: int, epl: int, pref: int) -> Optional[int]:
@@ -734,7 +785,8 @@ def plan_expert_mlp(target: str, x, w: ExpertWeights, inds, scores,
                                     out_dtype=out_dtype)
             return None if comb is None else plans + (comb,)
         last = plans[-1]
-        last.spec = codegen.DOWN_COMBINE if version == 1 else codegen.DOWN_COMBINE_PF
+        last.spec = {codegen.DOWN: codegen.DOWN_COMBINE, codegen.DOWN_PF: codegen.DOWN_COMBINE_PF,
+                     codegen.DOWN_MMA: codegen.DOWN_COMBINE_MMA}[last.spec]
         last.inputs += [shared_out, shared_gate, residual]
         last.template.update(CT=shared_out.dtype, GT=shared_gate.dtype, OutT=out_dtype)
         last.out_dtypes = [out_dtype]

@@ -22,6 +22,8 @@ scale applies to the column after the product. CS = 2 puts the used columns on e
 spreading the per-group work over more lanes.
 """
 
+import textwrap
+
 from .sources_prefetch import DOWN_L2_HINTS, GATE_UP_ROWS, HINT_ROWS
 
 # Shapes shared by the gate/up kernel and its x staging (template ints BITS, GS, D, P, CS).
@@ -40,6 +42,40 @@ MMA_CONSTANTS = r"""
   constexpr int ENT = (D / 16) * SLOTS;  // staged B entries (uint2)
   constexpr int BS16 = (ENT + 1) / 2;    // 16-byte units of the B entries
   constexpr int XS16 = (2 * GPR * P + 3) / 4;  // and of xsums
+"""
+
+# Which of the 8 B columns this lane's C holds that are used (CS, NU), and their (group, piece);
+# unused ones take group 0, which keeps their loads in bounds. Shared by gate/up and down.
+MMA_COLUMNS = r"""  constexpr int NC = (CS == 1) ? 2 : 1;  // used columns one lane can hold (FC, FC + 1)
+  bool cused[NC];
+  int cgrp[NC];
+  int cpiece[NC];
+  for (int c = 0; c < NC; ++c) {
+    const int nn = fc + c;
+    cused[c] = nn % CS == 0 && nn / CS < NU;
+    cgrp[c] = cused[c] ? (nn / CS) % NG : 0;
+    cpiece[c] = cused[c] ? (nn / CS) / NG : 0;
+  }
+"""
+
+# A register of field pair pp of a lane's 16-byte chunk q (fields pp % HP and + HP, 16 bits apart,
+# each OR-ed into the mantissa of the bfloat16 128.0: one mask-and-or), and tile j's B fragment b
+# of block bk from the staged bs. Shared by gate/up and down.
+MMA_A_REG = (r"""FM_AND_OR(fm_word((q), (pp) / HP) >> (BITS * F * (((pp) % HP) / F)), """
+             r"""(MASK << (BITS * (((pp) % HP) % F))) * 0x10001u, 0x43004300u)""")
+MMA_B_FRAGMENT = r"""        uint32_t b[2] = {0u, 0u};
+        if (slot >= 0) {
+          const uint2 bv = bs[(bk * TPB + j) * SLOTS + slot];
+          b[0] = bv.x;
+          b[1] = bv.y;
+        }
+"""
+
+# For used column c of block bk: the group's sum of its piece of x (xp) and 128 * the sum of its B
+# values (xb, what the products carry). Shared by gate/up and down (indented to each).
+MMA_GROUP_XSUMS = r"""const int at = 2 * ((bk * NG + cgrp[c]) * P + cpiece[c]);
+const float xp = xsums[at];
+const float xb = 128.0f * xsums[at + 1];
 """
 
 # The B entry (two uint32: four bfloat16 values) that a 4-code int4 of xmap names, with FM_X(el)
@@ -78,7 +114,8 @@ XSUM_COMBO = r"""
 
 # x staged for v6's gate/up once per token (the FM_XB variant of the kernel copies it instead of
 # staging x in every threadgroup): the B entries, then xsums, in the layout of the kernel's
-# threadgroup memory.
+# threadgroup memory. With FM_FROM_H, h staged the same way for the down kernel on the matrix
+# units, one (token, slot) pair per "token".
 STAGE_X_MMA = r"""
   // fm_stage_x_mma: xb[n] = [B entries, BS16 x 16 bytes][xsums, XS16 x 16 bytes] of token n.
   // Template ints: BITS, GS, D, P, CS (as the gate/up kernel's), W (warps), TPT (threadgroups
@@ -87,7 +124,12 @@ STAGE_X_MMA = r"""
   const int n = fm_tg / TPT;
   const int part = fm_tg % TPT;
   FM_DEVICE uint32_t* out = xb + int64_t(n) * 4 * (BS16 + XS16);
+#if FM_FROM_H  // x: h of (token, slot) pair n as gate/up writes it for v2's down (lane-major, pre-scaled)
+  constexpr int LPR_H = (D / EPL < 32) ? D / EPL : 32;
+#define FM_X(el) (static_cast<float>(x[n * D + fm_lane_major4<EPL, LPR_H>(el)]) * fm_pos_unscale<BITS>((el) % EPL))
+#else
 #define FM_X(el) static_cast<float>(x[n * D + (el)])
+#endif
   for (int e = part * W * 32 + fm_tid; e < ENT; e += TPT * W * 32) {
     const int4 code4 = ((const FM_DEVICE int4*)xmap)[e];
 """ + B_ENTRY + r"""    out[2 * e] = ent_lo;
@@ -116,7 +158,6 @@ GATE_UP_MMA = r"""
   // by S warps each, every warp taking NB / S blocks of the row and loading PD blocks ahead
   // (across items).
 """ + MMA_CONSTANTS + r"""  constexpr int NBS = NB / S;         // blocks per warp and item
-  constexpr int NC = (CS == 1) ? 2 : 1;  // used columns one lane can hold (FC, FC + 1)
   constexpr int WPR = D / PACK;
   constexpr int NI = K * I / 16;      // items per token
   constexpr int RUN = (NI + G - 1) / G;
@@ -146,17 +187,7 @@ GATE_UP_MMA = r"""
     lane_slot[fm_tid] = fm_b_slot(fm_tid, NU, CS);
   }
 
-  // The used columns of this lane's C (for unused ones group 0 keeps the loads in bounds).
-  bool cused[NC];
-  int cgrp[NC];
-  int cpiece[NC];
-  for (int c = 0; c < NC; ++c) {
-    const int nn = fc + c;
-    cused[c] = nn % CS == 0 && nn / CS < NU;
-    cgrp[c] = cused[c] ? (nn / CS) % NG : 0;
-    cpiece[c] = cused[c] ? (nn / CS) / NG : 0;
-  }
-
+""" + MMA_COLUMNS + r"""
 """ + GATE_UP_ROWS + r"""  uint4 qw[PD][4];         // ring: [gate row fr, gate row fr + 8, up fr, up fr + 8]
   ST qs[PD][NC][2][4];     // ring: [column][row][sg, bg, su, bu]
 #define FM_MMA_LOAD(item, b, s)                                            \
@@ -291,32 +322,21 @@ GATE_UP_MMA = r"""
             uint32_t au[4];
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {  // pair 2j + hh: columns fc (+ 8 for hh = 1)
-              const int pp = 2 * j + hh;
-              const int p = pp % HP;
-              const int shift = BITS * F * (p / F);
-              const uint32_t mask = (MASK << (BITS * (p % F))) * 0x10001u;
 #pragma unroll
               for (int r = 0; r < 2; ++r) {
-                ag[2 * hh + r] = FM_AND_OR(fm_word(qw[i][r], pp / HP) >> shift, mask, 0x43004300u);
-                au[2 * hh + r] = FM_AND_OR(fm_word(qw[i][2 + r], pp / HP) >> shift, mask, 0x43004300u);
+#define FM_A(q, pp) """ + MMA_A_REG + r"""
+                ag[2 * hh + r] = FM_A(qw[i][r], 2 * j + hh);
+                au[2 * hh + r] = FM_A(qw[i][2 + r], 2 * j + hh);
+#undef FM_A
               }
             }
-            uint32_t b[2] = {0u, 0u};
-            if (slot >= 0) {
-              const uint2 bv = bs[(bk * TPB + j) * SLOTS + slot];
-              b[0] = bv.x;
-              b[1] = bv.y;
-            }
-            FM_MMA(cg, ag, b);
+""" + MMA_B_FRAGMENT + r"""            FM_MMA(cg, ag, b);
             FM_MMA(cu, au, b);
           }
 #pragma unroll
           for (int c = 0; c < NC; ++c) {
             if (cused[c]) {
-              const int at = 2 * ((bk * NG + cgrp[c]) * P + cpiece[c]);
-              const float xp = xsums[at];
-              const float xb = 128.0f * xsums[at + 1];
-#pragma unroll
+""" + textwrap.indent(MMA_GROUP_XSUMS, " " * 14) + r"""#pragma unroll
               for (int r = 0; r < 2; ++r) {
                 accg[r] += static_cast<float>(qs[i][c][r][0]) * (cg[2 * r + c] - xb) +
                     static_cast<float>(qs[i][c][r][1]) * xp;
@@ -377,4 +397,145 @@ GATE_UP_MMA = r"""
 #undef FM_HINT_AHEAD
 #undef FM_WEIGHT_ROW
 #undef FM_STORE_H
+"""
+
+# down projection with the routing weights and the k-way sum on the matrix units: v6's product
+# (one matrix instead of gate and up), with h staged per (token, slot) pair by fm_stage_x_mma.
+DOWN_MMA = r"""
+  // fm_down_mma: y[n] = sum_j scores[n,j] * (Wd_{inds[n,j]} h[n,j])  (+ combine if FM_COMBINE).
+  // Template ints: BITS, GS, D (expert dim: the input one), O (hidden: the rows), K (warps: warp
+  // j takes slot j), T (16-row tiles per threadgroup), PD (blocks each warp has in flight), P
+  // (bfloat16 pieces of h), CS (column stride of the used B columns). Input hb: fm_stage_x_mma's
+  // output for the N * K pairs ([B entries][xsums] each, BS16 + XS16 16-byte units).
+  // Each warp copies its pair's staged h into threadgroup memory, walks (tile, block) with PD
+  // blocks in flight, adds route * row sums into part after each tile, and the K sums of a row
+  // are added after one barrier, in slot order (the same sum on every run).
+""" + MMA_CONSTANTS + r"""  constexpr int WPR = D / PACK;
+  constexpr int G = O / (16 * T);     // threadgroups per token
+  constexpr int STEPS = T * NB;       // (tile, block) steps of a warp
+  constexpr int STG = BS16 + XS16;    // a pair's staged h, 16-byte units
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  const int n = fm_tg / G;
+  const int row0 = (fm_tg % G) * 16 * T;
+  const int pair = n * K + fm_warp;
+  const int64_t wbase = int64_t(inds[pair]) * O + row0;
+  const float route = static_cast<float>(scores[pair]);
+  const int fr = FM_MMA_FR(fm_lane);  // A rows fr and fr + 8
+  const int fc = FM_MMA_FC(fm_lane);  // A column pairs fc, fc + 8; C columns fc, fc + 1
+  const int qt = fc / 2;              // the chunk of a block this lane loads
+
+  // Threadgroup memory (16-byte units): each warp's staged h; part, route * row sums [warp][row];
+  // lane_slot, each lane's B slot (-1: its B is zero).
+  FM_RING(uint4, fm_smem, K * STG + (K * 16 * T + 3) / 4 + 8);
+  FM_TG uint2* bs = (FM_TG uint2*)(fm_smem + fm_warp * STG);
+  FM_TG float* xsums = (FM_TG float*)(fm_smem + fm_warp * STG + BS16);
+  FM_TG float* part = (FM_TG float*)(fm_smem + K * STG);
+  FM_TG int* lane_slot = (FM_TG int*)(fm_smem + K * STG + (K * 16 * T + 3) / 4);
+  if (fm_tid < 32) {
+    lane_slot[fm_tid] = fm_b_slot(fm_tid, NU, CS);
+  }
+""" + MMA_COLUMNS + r"""
+  uint4 qw[PD][2];       // ring: [row fr, row fr + 8] of a block
+  ST qs[PD][NC][2][2];   // ring: [column][row][sd, bd]
+#define FM_MMA_LOAD(q, s)                                                  \
+  {                                                                        \
+    const int bk = (q) % NB;                                               \
+    for (int r = 0; r < 2; ++r) {                                          \
+      const int64_t wrow = wbase + ((q) / NB) * 16 + fr + 8 * r;           \
+      qw[s][r] = *((const FM_DEVICE uint4*)(wd + wrow * WPR + (bk * BLK + qt * EPL) / PACK)); \
+      for (int c = 0; c < NC; ++c) {                                       \
+        const int64_t so = wrow * GPR + bk * NG + cgrp[c];                 \
+        qs[s][c][r][0] = sd[so];                                           \
+        qs[s][c][r][1] = bd[so];                                           \
+      }                                                                    \
+    }                                                                      \
+  }
+#pragma unroll
+  for (int i = 0; i < PD; ++i) {  // the first blocks fly while h is copied
+    if (i < STEPS) {
+      FM_MMA_LOAD(i, i)
+    }
+  }
+  {  // this warp's staged h: a straight copy, all loads issued first
+    constexpr int CPT = (STG + 31) / 32;
+    uint4 cp[CPT];
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int t = fm_lane + i * 32;
+      if (t < STG) {
+        cp[i] = ((const FM_DEVICE uint4*)hb)[int64_t(pair) * STG + t];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int t = fm_lane + i * 32;
+      if (t < STG) {
+        fm_smem[fm_warp * STG + t] = cp[i];
+      }
+    }
+  }
+  FM_BARRIER();
+  const int slot = lane_slot[fm_lane];
+
+  float acc[2] = {0.0f, 0.0f};
+  for (int q0 = 0; q0 < STEPS; q0 += PD) {  // (PD divides NB: a ring pass stays in one tile)
+#pragma unroll
+    for (int i = 0; i < PD; ++i) {
+      const int q = q0 + i;
+      const int bk = q % NB;
+      float cm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int j = 0; j < TPB; ++j) {
+        uint32_t a[4];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {  // pair 2j + hh: columns fc (+ 8 for hh = 1)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+#define FM_A(q, pp) """ + MMA_A_REG + r"""
+            a[2 * hh + r] = FM_A(qw[i][r], 2 * j + hh);
+#undef FM_A
+          }
+        }
+""" + MMA_B_FRAGMENT + r"""        FM_MMA(cm, a, b);
+      }
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        if (cused[c]) {
+""" + textwrap.indent(MMA_GROUP_XSUMS, " " * 10) + r"""#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            acc[r] += static_cast<float>(qs[i][c][r][0]) * (cm[2 * r + c] - xb) +
+                static_cast<float>(qs[i][c][r][1]) * xp;
+          }
+        }
+      }
+      if (q + PD < STEPS) {  // refill this ring slot
+        FM_MMA_LOAD(q + PD, i)
+      }
+      if (bk == NB - 1) {  // the tile's rows are done: the 4 lanes of a row add their columns
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          acc[r] += FM_SHFL_XOR(acc[r], FM_MMA_XOR0);
+          acc[r] += FM_SHFL_XOR(acc[r], FM_MMA_XOR1);
+          if (fc == 0) {
+            part[fm_warp * 16 * T + (q / NB) * 16 + fr + 8 * r] = route * acc[r];
+          }
+          acc[r] = 0.0f;
+        }
+      }
+    }
+  }
+#undef FM_MMA_LOAD
+  FM_BARRIER();
+  for (int t = fm_tid; t < 16 * T; t += K * 32) {
+    float v = 0.0f;
+    for (int w = 0; w < K; ++w) {
+      v += part[w * 16 * T + t];
+    }
+    const int64_t at = int64_t(n) * O + row0 + t;
+#if FM_COMBINE
+    v = static_cast<float>(residual[at]) +
+        (v + fm_sigmoid(static_cast<float>(shared_gate[n])) * static_cast<float>(shared_out[at]));
+#endif
+    y[at] = static_cast<OutT>(v);
+  }
 """

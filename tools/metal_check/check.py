@@ -111,6 +111,18 @@ def variants(target: str) -> List[Tuple[str, launch.Plan]]:
                                                A((N, 10), bf16), version=6)
                 out += [(f"v6_xb{xb}_pf{pf}_dh{dh}_{p.spec.name}_D{D}_I{I}_b{bits}_N{N}_{xdt}".replace("mlx.core.", ""), p)
                         for p in plans if p.spec.name != "down_pf"]
+        # down on the matrix units (MD), alone and with the combine fused; shapes whose staged h
+        # fits Metal's 32 KiB too
+        launch.TUNING["gate_up_mma"] = dict(saved, MD=1)
+        for D, I, bits, xdt, N, K in ((4096, 1024, 4, bf16, 1, 10), (4096, 1024, 2, f16, 2, 10),
+                                      (1024, 256, 4, f32, 1, 4), (512, 256, 4, bf16, 2, 4), (512, 512, 2, bf16, 1, 4)):
+            w = _experts(10, D, I, bits, 64, bf16)
+            x, inds, scores = A((N, D), xdt), A((N, K), mx.int32), A((N, K), bf16)
+            tag = f"D{D}_I{I}_b{bits}_N{N}_K{K}_{xdt}".replace("mlx.core.", "")
+            for comb in (None, (A((N, D), bf16), A((N, 1), bf16), A((N, D), bf16))):
+                plans = launch.plan_expert_mlp(target, x, w, inds, scores, combine=comb, version=6)
+                out += [(f"v6_md_{p.spec.name}_{tag}", p) for p in plans[-2:]
+                        if p.spec.name in ("stage_h_mma", "down_mma", "down_combine_mma")]
     finally:
         launch.TUNING["gate_up_mma"] = saved
     # v2 with its L2 hints on (whole run / a distance ahead for gate/up, rows for down; gate/up
