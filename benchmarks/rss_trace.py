@@ -28,6 +28,7 @@ from .memcap import RSS_PARTS, status_fields
 from .streaming import load_capped, peak_rss, start_gpu_runtime
 from .synthetic import Shape, ensure_models
 
+
 def mappings() -> Dict[str, List[int]]:
     """Resident KiB by mapping kind, from ``/proc/self/smaps``: [Rss, Anonymous, mappings] per file
     path, per ``[heap]`` / ``[stack]``-like name, and for unnamed mappings per size (thread stacks,

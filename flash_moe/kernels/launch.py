@@ -508,7 +508,7 @@ MMA_PIECES = {mx.bfloat16: 1, mx.float16: 2, mx.float32: 3}  # bfloat16 pieces t
 def mma_registers(P: int, PD: int) -> int:
     """Registers a v6 gate/up thread may take with x in P pieces and PD blocks in flight, an upper
     bound: a threadgroup asking more than 64K fails to launch ("too many resources"). sm_90 ptxas
-    (`check.py --ptxas`, bits 4 and 2, x staged or not) takes 77-96 at PD 1, 95-184 at PD 2 and
+    (`check.py --ptxas`, bits 4 and 2, x staged or not) takes 77-151 at PD 1, 95-184 at PD 2 and
     160-248 at PD 4, growing with P; 32 * (P + PD + 1) is above each."""
     return 32 * (P + PD + 1)
 
@@ -597,7 +597,7 @@ def _down_mma_plans(target, x, w, inds, scores, N, D, I, K, out_dtype) -> Option
     bits, gs = w.bits, w.group_size
     epl = 128 // bits
     blk = 4 * epl
-    if bits not in (2, 4) or gs % epl or blk % gs or I % blk or K > 32:
+    if bits not in (2, 4) or gs % epl or blk % gs or I % blk or K > 16:  # (K warps at up to 128 registers)
         return None
     t = tuning("down_mma", bits)
     T = max(1, t["T"])

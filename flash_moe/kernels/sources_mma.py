@@ -1,4 +1,5 @@
-"""Algorithm text of the gate/up kernel on the matrix units (v6), for Metal and CUDA.
+"""Algorithm text of the kernels on the matrix units (v6: gate/up; with MD, down too), for Metal
+and CUDA.
 
 Why: the scalar kernels (v2) spend 3 instructions on every weight element at best (mask,
 subtract, fused multiply-add) and 4.6 as compiled; on a GPU whose memory outruns its scalar
