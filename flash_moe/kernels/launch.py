@@ -342,8 +342,9 @@ def _proj_ok(p: Projection, rows: int, dim: int, bits: int, gs: int) -> bool:
         and p.biases.dtype == p.scales.dtype
 
 
-def _rows_per_warp(rows: int, per_slot: int, pref: int) -> Optional[int]:
-    """Largest R <= pref (halving) with rows divisible by R * per_slot."""
+def _halving_fit(rows: int, per_slot: int, pref: int) -> Optional[int]:
+    """Largest R <= pref (halving) with rows divisible by R * per_slot, or None: rows per warp,
+    blocks in flight, tiles per threadgroup."""
     r = pref
     while r >= 1:
         if rows % (r * per_slot) == 0:
@@ -369,10 +370,10 @@ def _plans_v1(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     W = tg["W"]
     while W > 1 and I % (W * sub_d):
         W //= 2
-    R = _rows_per_warp(I, W * sub_d, tg["R"])
+    R = _halving_fit(I, W * sub_d, tg["R"])
     td = tuning("down", bits)
     Wd = min(K, td["W_max"])
-    Rd = _rows_per_warp(D, sub_i, td["R"])
+    Rd = _halving_fit(D, sub_i, td["R"])
     if R is None or Rd is None:
         return None
     gate_up = Plan(
@@ -407,9 +408,9 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
         return None
     bits, gs = w.bits, w.group_size
     tg = tuning("gate_up_pf", bits)
-    R = _rows_per_warp(I, sub_d, tg["R"])
+    R = _halving_fit(I, sub_d, tg["R"])
     td = tuning("down_pf", bits)
-    Rd = _rows_per_warp(D, sub_i, td["R"])
+    Rd = _halving_fit(D, sub_i, td["R"])
     if R is None or Rd is None:
         return None
     # (shapes set by hand may omit them)
@@ -437,7 +438,7 @@ def _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype) -> Opti
     """v2's down: one warp per expert (K <= 16), RPT rows per threadgroup."""
     bits, gs = w.bits, w.group_size
     td = tuning("down_pf", bits)
-    Rd = _rows_per_warp(D, sub_i, td["R"])
+    Rd = _halving_fit(D, sub_i, td["R"])
     pf_down = td.get("PF", 0)
     if Rd is None or K > 16:
         return None
@@ -534,10 +535,7 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
     WR = max(1, t["WR"])
 
     def blocks_in_flight(S):
-        PD = max(1, min(t["PD"], nb // S))
-        while (nb // S) % PD:
-            PD //= 2
-        return PD
+        return _halving_fit(nb // S, 1, max(1, min(t["PD"], nb // S)))
 
     while S * WR * 32 * mma_registers(P, blocks_in_flight(S)) > 65536:  # the threadgroup must fit one SM
         if WR > 1:
@@ -571,13 +569,9 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
                     XT=x.dtype, ST=w.gate.scales.dtype)
     staged = ()
     if t.get("XB", 0):  # x staged once per token by a first launch; gate/up copies it
-        entries = xmap.size // 4
-        words = 4 * ((entries + 1) // 2 + (2 * (D // gs) * P + 3) // 4)  # the kernels' BS16 + XS16
-        tpt = max(1, -(-max(entries, 32 * (D // gs) * P) // 256))
-        staged = (Plan(codegen.STAGE_X_MMA, [x, xmap], dict(BITS=bits, GS=gs, D=D, P=P, CS=CS, W=8, TPT=tpt,
-                                                               XT=x.dtype),
-                       N * tpt, 256, [(N, words)], [mx.uint32]),)
-        spec, inputs = codegen.GATE_UP_MMA_XB, _gate_up_inputs(x, w, inds) + [ArraySpec((N, words), mx.uint32)]
+        staged = (_mma_staging(codegen.STAGE_X_MMA, x, xmap, bits, gs, P, CS),)
+        spec, inputs = codegen.GATE_UP_MMA_XB, _gate_up_inputs(x, w, inds) + [ArraySpec(staged[0].out_shapes[0],
+                                                                                         mx.uint32)]
     else:
         spec, inputs = codegen.GATE_UP_MMA, _gate_up_inputs(x, w, inds) + [xmap]
     spec, inputs, template = _hinting_down_rows(target, DH, spec, inputs, template, w)
@@ -587,6 +581,18 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
         down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
         down = None if down is None else (down,)
     return None if down is None else staged + (gate_up,) + down
+
+
+def _mma_staging(spec: codegen.KernelSpec, x, xmap: mx.array, bits: int, gs: int, P: int, CS: int) -> Plan:
+    """fm_stage_x_mma over the rows of x ([rows, D]; an ArraySpec: the previous launch's output):
+    each row's B entries and group sums, [rows, words] uint32 in the layout of the kernels'
+    threadgroup memory (BS16 + XS16 16-byte units)."""
+    rows, D = x.shape
+    entries = xmap.size // 4
+    words = 4 * ((entries + 1) // 2 + (2 * (D // gs) * P + 3) // 4)
+    tpt = max(1, -(-max(entries, 32 * (D // gs) * P) // 256))
+    return Plan(spec, [x, xmap], dict(BITS=bits, GS=gs, D=D, P=P, CS=CS, W=8, TPT=tpt, XT=x.dtype),
+                rows * tpt, 256, [(rows, words)], [mx.uint32])
 
 
 def _down_mma_plans(target, x, w, inds, scores, N, D, I, K, out_dtype) -> Optional[Tuple[Plan, Plan]]:
@@ -600,32 +606,24 @@ def _down_mma_plans(target, x, w, inds, scores, N, D, I, K, out_dtype) -> Option
     if bits not in (2, 4) or gs % epl or blk % gs or I % blk or K > 16:  # (K warps at up to 128 registers)
         return None
     t = tuning("down_mma", bits)
-    T = max(1, t["T"])
-    while T > 1 and D % (16 * T):
-        T //= 2
-    if D % (16 * T):
+    T = _halving_fit(D, 16, max(1, t["T"]))
+    if T is None:
         return None
-    P, nb, gpr = MMA_PIECES[x.dtype], I // blk, I // gs
+    P, nb = MMA_PIECES[x.dtype], I // blk
     NU = P * (blk // gs)
-    PD = max(1, min(t["PD"], nb))
-    while nb % PD:
-        PD //= 2
+    PD = _halving_fit(nb, 1, max(1, min(t["PD"], nb)))
     for CS in (t.get("CS", 2), 1, 2):
         if CS in (1, 2) and NU * CS <= 8:
             break
     else:
         return None
-    stg = ((I // 16) * mma_b_slots(target, NU, CS) + 1) // 2 + (2 * gpr * P + 3) // 4  # the kernel's STG
-    smem = 16 * (K * stg + (K * 16 * T + 3) // 4 + 8)
+    stage = _mma_staging(codegen.STAGE_H_MMA, ArraySpec((N * K, I), mx.float32), mma_x_map(target, I, bits, gs, P, CS),
+                         bits, gs, P, CS)
+    hb = ArraySpec(stage.out_shapes[0], mx.uint32)  # a (token, slot) pair's row: the kernel's STG units
+    smem = 16 * (K * hb.shape[1] // 4 + (K * 16 * T + 3) // 4 + 8)
     if smem > DYNAMIC_SMEM_LIMIT[target]:
         return None
-    xmap = mma_x_map(target, I, bits, gs, P, CS)
-    tpt = max(1, -(-max(xmap.size // 4, 32 * gpr * P) // 256))
-    stage = Plan(codegen.STAGE_H_MMA, [ArraySpec((N * K, I), mx.float32), xmap],
-                 dict(BITS=bits, GS=gs, D=I, P=P, CS=CS, W=8, TPT=tpt, XT=mx.float32),
-                 N * K * tpt, 256, [(N * K, 4 * stg)], [mx.uint32])
-    down = Plan(codegen.DOWN_MMA, [ArraySpec((N * K, 4 * stg), mx.uint32), w.down.weight, w.down.scales,
-                                   w.down.biases, inds, scores],
+    down = Plan(codegen.DOWN_MMA, [hb, w.down.weight, w.down.scales, w.down.biases, inds, scores],
                 dict(BITS=bits, GS=gs, D=I, O=D, K=K, T=T, PD=PD, P=P, CS=CS, ST=w.down.scales.dtype,
                      RT=scores.dtype, OutT=out_dtype),
                 N * (D // (16 * T)), K * 32, [(N, D)], [out_dtype], shared_memory=smem)
@@ -653,7 +651,7 @@ def _plan_v4(target, x, w, inds, scores, N, D, I, K, sub_d):
     C = _split_k_chunk(I, epl, t["C"])
     if C is None or C % sub_d:
         return None
-    R = _rows_per_warp(C, sub_d, t["R"])
+    R = _halving_fit(C, sub_d, t["R"])
     sub_c = 32 // (C // epl)  # down rows side by side in a warp
     W, RD = t["W"], t["RD"]
     while W * RD * sub_c > D or D % (W * RD * sub_c):
@@ -688,7 +686,7 @@ def _plan_v5(target, x, w, inds, scores, N, D, I, K, sub_d):
     C = _split_k_chunk(I, epl, t["C"])
     if C is None:
         return None
-    R = _rows_per_warp(C, 1, t["R"])
+    R = _halving_fit(C, 1, t["R"])
     W = t["W"]
     while W > 1 and (C // R) % W:
         W //= 2
