@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .io import placement
 from .io.format import ExpertLayout
 from .io.reader import ExpertReader, PendingRead
 from .io.records import RecordArrays
@@ -112,6 +113,7 @@ class DiskExperts:
                     self._set_slot(keys[j], -1)
                     self._free.append(int(rows[j]))
                 raise
+            placement.move_to_device(self._cache.views, rows[missing])  # hits then read device memory
         self.reader.stats.cache_hits += len(keys) - len(missing)
         return self._cache.weights(), rows
 

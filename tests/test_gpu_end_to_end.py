@@ -69,3 +69,40 @@ def test_speculative_cache_lookups_on_gpu(packed4):
     assert (model.expert_reader.stats - before).reads == 0
     assert source.speculation_failures == failures and source.speculating
     assert mx.abs(out - ref).max().item() < 1e-3
+
+
+@pytest.mark.skipif(not (hasattr(mx, "cuda") and mx.cuda.is_available()), reason="CUDA managed memory only")
+def test_cache_slots_move_to_device_memory_after_a_miss(packed4):
+    """A miss writes its record into a cache slot from the CPU; the slot is then moved to device
+    memory in bulk (the driver's last prefetch location of each written row is the GPU), so that
+    hits read device memory instead of migrating pages at the GPU's faults. Rows never written
+    were never moved, and decode from the slots matches the resident model."""
+    import ctypes
+
+    from flash_moe.io.format import load_manifest
+    from flash_moe.kernels import cuda_driver
+
+    resident, _ = flash_moe.load(packed4, resident_experts=True)
+    ref = decode_logits(resident)
+    record = load_manifest(packed4).layout.record_size
+    model, _ = flash_moe.load(packed4, cache_bytes=2048 * record)  # megabytes between slot 0 and the used top
+    out = decode_logits(model)
+    source = model.expert_source
+    used = sorted(set(source._slot_of.values()))
+    assert 0 < len(used) < source.slots
+    lib, ctx = cuda_driver.driver()[0]
+    lib.cuCtxSetCurrent(ctx)
+
+    def last_prefetch(view, row) -> int:  # CU_MEM_RANGE_ATTRIBUTE_LAST_PREFETCH_LOCATION (4)
+        where = ctypes.c_int(-3)
+        stride = view.strides[0]
+        rc = lib.cuMemRangeGetAttribute(ctypes.byref(where), ctypes.c_size_t(4), ctypes.c_int(4),
+                                        ctypes.c_uint64(view.ctypes.data + row * stride), ctypes.c_size_t(stride))
+        assert rc == 0
+        return where.value
+
+    big = max(source._cache.views, key=lambda v: v.strides[0])  # the largest tensor (gate/up/down weights)
+    assert all(last_prefetch(big, r) == 0 for r in used)
+    unused = [r for r in range(source.slots) if r not in set(used)]
+    assert last_prefetch(big, unused[0]) != 0  # (slots are handed out from the top)
+    assert mx.abs(out - ref).max().item() < 1e-3

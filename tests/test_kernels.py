@@ -339,6 +339,33 @@ def test_matrix_unit_threadgroups_fit_the_register_file(monkeypatch):
         assert plan.template["PD"] == shape["PD"]  # the blocks in flight stay as asked; the warps give way
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_matrix_unit_down_fits_the_register_file(monkeypatch):
+    """Down on the matrix units runs one warp per slot, so its threadgroup is K warps whatever the
+    shape: there the blocks in flight give way. The H200 refused T1 PD8 with a float32 x (10 warps)
+    although local sm_90 ptxas gives it 182 registers (58K a threadgroup): MLX's own build takes
+    more, so the planner keeps to mma_registers, which is above what ptxas gives each shape."""
+    import re
+    cmd = check._nvcc_cubin(None, "/dev/null") + ["-Xptxas", "-v"]
+    monkeypatch.setitem(launch.TUNING, "gate_up_mma", dict(launch.TUNING["gate_up_mma"], MD=1))
+    for bits, xdt, PD in [(4, mx.float32, 8), (4, mx.bfloat16, 8), (2, mx.float16, 8), (4, mx.bfloat16, 2)]:
+        monkeypatch.setitem(launch.TUNING, "down_mma", dict(T=1, PD=PD, CS=2))
+        w = check._experts(10, 4096, 1024, bits, 64, mx.bfloat16)
+        plans = launch.plan_expert_mlp("cuda", check.A((1, 4096), xdt), w, check.A((1, 10), mx.int32),
+                                       check.A((1, 10), mx.bfloat16), version=6)
+        plan = plans[-1]
+        assert plan.spec.name == "down_mma"
+        src = codegen.cuda_translation_unit(plan.spec, check._infos(plan), plan.out_dtypes,
+                                            codegen.template_args(plan.spec, plan.template))
+        rc, log = check._compile(cmd, src, ".cu")
+        assert rc == 0, log
+        (regs,) = map(int, re.findall(r"Used (\d+) registers", log))
+        asked = plan.group_size * launch.mma_registers(plan.template["P"], plan.template["PD"])
+        assert regs <= launch.mma_registers(plan.template["P"], plan.template["PD"]) and asked <= 65536, (
+            bits, xdt, PD, plan.template, regs)
+        assert plan.template["PD"] <= PD and (PD == 2) <= (plan.template["PD"] == PD)
+
+
 def test_ncu_sweep_counts_each_staging_launch_with_its_kernel(capsys):
     """tools/ncu_sweep.py reads Nsight Compute's CSV rows: v6's x staging (XB) counts with the
     gate/up launch after it, the h staging of down on the matrix units (MD) with the down launch."""

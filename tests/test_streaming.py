@@ -222,8 +222,9 @@ def test_failed_read_leaves_no_cache_entry(packed4, copy_of):
 
 
 def test_host_placement_is_a_no_op_off_cuda(packed4, recwarn):
-    """Keeping read buffers on the host is a CUDA managed-memory matter: elsewhere nothing is
-    advised, nothing warns, and the buffers work as any other."""
+    """Keeping read buffers on the host (and moving cache slots to the device) is a CUDA
+    managed-memory matter: elsewhere nothing is advised, nothing warns, and the buffers work as
+    any other."""
     from flash_moe.io import placement
     from flash_moe.io.records import RecordArrays
 
@@ -232,6 +233,7 @@ def test_host_placement_is_a_no_op_off_cuda(packed4, recwarn):
     dest = RecordArrays(load_manifest(packed4).layout, 2, on_host=True)
     assert dest.on_host is False
     assert placement.keep_on_host(dest.views) is False
+    assert placement.move_to_device(dest.views, [0, 1]) is False
     assert not [w for w in recwarn if "flash-moe" in str(w.message)]
 
 

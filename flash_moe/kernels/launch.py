@@ -57,8 +57,9 @@ TUNING: Dict[str, Dict[str, int]] = {
     "gate_up_mma": {"S": 8, "WR": 2, "PD": 2, "tgs": 0, "CS": 2, "RBM": 8, "PF": 1, "XB": 1, "DH": 0, "MD": 0},
     # v6 with MD 1: down on the matrix units as well (h staged per (token, slot) pair by a launch
     # of its own, then one warp per slot). T: 16-row tiles per threadgroup; PD: blocks each warp
-    # has in flight; CS as gate/up's. Off until measured on a GPU (written after Run 14's device
-    # time).
+    # has in flight; CS as gate/up's; PD gives way where K warps would not fit the register
+    # file. Off: slower than v2's down on an H200 (Run 15, down with its h staging: 4-bit 15.0 us
+    # against 11.3, 2-bit 12.9 against 11.4; PD 1 / 4 and T 2 no better).
     "down_mma": {"T": 1, "PD": 2, "CS": 2},
     # v4 (split-K, one launch). C: expert rows per threadgroup; W: warps; R: gate/up rows per
     # item; RD: down rows per lane group and iteration.
@@ -612,6 +613,8 @@ def _down_mma_plans(target, x, w, inds, scores, N, D, I, K, out_dtype) -> Option
     P, nb = MMA_PIECES[x.dtype], I // blk
     NU = P * (blk // gs)
     PD = _halving_fit(nb, 1, max(1, min(t["PD"], nb)))
+    while PD > 1 and K * 32 * mma_registers(P, PD) > 65536:  # K warps must fit one SM (PD 8 did not)
+        PD //= 2
     for CS in (t.get("CS", 2), 1, 2):
         if CS in (1, 2) and NU * CS <= 8:
             break
