@@ -4,8 +4,13 @@ both decoding inside the same memory cgroup.
     python -m benchmarks.peer --nunspark /tmp/venv-nunspark/bin/nunspark [--workdir DIR]
 
 nunspark needs MLX 0.31 and runs from its own virtual environment, as a separate program:
-nothing of it is imported here. Both read the same random 4-bit qwen3_moe checkpoint, built
-by mlx-lm and packed by each tool; each run starts with the page cache dropped.
+nothing of it is imported here. Its environment (mlx-lm 0.32 calls MLX 0.32's API, so pin both):
+
+    python3 -m venv /tmp/venv-nunspark
+    /tmp/venv-nunspark/bin/pip install nunspark "mlx[cpu]==0.31.*" "mlx-lm==0.31.*"
+
+Both read the same random 4-bit qwen3_moe checkpoint, built by mlx-lm and packed by each tool;
+each run starts with the page cache dropped.
 """
 
 from __future__ import annotations
