@@ -396,6 +396,24 @@ def test_speculative_lookups_skip_the_host_sync_and_stay_exact(packed4, monkeypa
     assert source.speculative_steps - steps == 5  # every decode step of the second pass
 
 
+def test_cache_moves_exactly_the_slots_it_wrote_to_the_device(packed4, monkeypatch):
+    """After a miss, the slots the records were read into, and only those, are handed to
+    ``placement.move_to_device`` (a no-op here; on CUDA it moves them to GPU memory): every
+    cached slot once, nothing for hits."""
+    from flash_moe.io import placement
+
+    moved = []
+    monkeypatch.setattr(placement, "move_to_device", lambda views, rows: moved.extend(int(r) for r in rows))
+    record = load_manifest(packed4).layout.record_size
+    model, _ = flash_moe.load(packed4, cache_bytes=32 * record)  # every expert of every layer fits
+    decode(model)
+    source = model.expert_source
+    assert sorted(moved) == sorted(source._slot_of.values()) and len(set(moved)) == len(moved) > 0
+    moved.clear()
+    decode(model)  # all hits
+    assert moved == []
+
+
 def test_failed_speculation_is_undone_and_rerun(packed4):
     """A speculative step that meets an expert not in the cache is undone (KV and recurrent
     states restored) and run again with reads: every logit still equals the resident model's."""
