@@ -377,7 +377,8 @@ def test_ncu_sweep_counts_each_staging_launch_with_its_kernel(capsys):
             for i, (name, us) in enumerate(zip(names, (1.5, 20.0, 2.0, 6.0)))]
     best = sweep.report(rows, [({"S": 8, "MD": 1}, {"R": 1})], calls=1, bits=4, k=10, keep_l2=True)
     line = capsys.readouterr().out.splitlines()[-1].split()
-    assert line[-6:-3] == ["21.5", "8.0", "29.5"]  # gate/up, down, sum (us); then GB/s, registers, occupancy
+    assert line[-7:-4] == ["21.5", "8.0", "29.5"]  # gate/up, down, sum (us); then GB/s, registers, occupancy
+    assert line[-1] == "1.5/2.0"  # and the two staging launches' own times (us), inside those sums
     assert best == {"gate_up_mma": {"S": 8, "MD": 1}, "down_pf": {"R": 1}}
 
 

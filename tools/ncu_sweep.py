@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--gate-up", nargs="*", default=[])
     p.add_argument("--down", nargs="*", default=[])
-    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH[,MD]]]]]] (XB: x staged per token, its launch counted in gate/up; DH: down's rows hinted; MD: down on the matrix units, its h staging counted in down; its shape from FLASH_MOE_TUNING's down_mma)")
+    p.add_argument("--mma", nargs="*", default=[], help="v6 gate/up shapes S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH[,MD]]]]]] (XB: x staged per token, its launch counted in gate/up; DH: down's rows hinted; MD: down on the matrix units, its h staging counted in down; its shape from FLASH_MOE_TUNING's down_mma; the last column gives each staging launch's own time)")
     p.add_argument("--keep-l2", action="store_true", help="do not flush L2 before each kernel")
     p.add_argument("--ncu", default=shutil.which("ncu") or "/usr/local/cuda/bin/ncu")
     p.add_argument("--best-json", type=Path, help="write the fastest gate/up and down shapes here, as JSON "
@@ -87,12 +87,12 @@ def report(rows, shapes, calls: int, bits: int, k: int, keep_l2: bool = False) -
         if kind in staged:
             first = staged.pop(kind)
             m = dict(m, **{key: m[key] + first[key] for key in ("gpu__time_duration.sum", "dram__bytes_read.sum")
-                           if key in m})
+                           if key in m}, staging=first["gpu__time_duration.sum"])
         per_kind[kind].append(m)
     l2 = "L2 as the previous kernel left it" if keep_l2 else "L2 flushed before each kernel"
     print(f"{bits}-bit k={k}, {calls} calls a shape, median; {l2}, boost clocks")
     print(f"{'gate_up / down shape':60s} {'gate_up us':>10s} {'down us':>8s} {'sum us':>7s} {'GB/s':>6s} "
-          f"{'regs':>9s} {'occupancy %':>12s}")
+          f"{'regs':>9s} {'occupancy %':>12s} {'staging us x/h':>14s}")
     best = {}
     for i, pair in enumerate(shapes):
         shape = " ".join(json.dumps(s) for s in pair)
@@ -100,6 +100,8 @@ def report(rows, shapes, calls: int, bits: int, k: int, keep_l2: bool = False) -
         for kind in ("gate_up", "down"):
             ms = per_kind[kind][i * calls:(i + 1) * calls]
             med[kind] = {k: statistics.median(m.get(k, nan) for m in ms) for k in METRICS} if ms else None  # (nan: not collected)
+            if ms:
+                med[kind]["staging"] = statistics.median(m.get("staging", 0.0) for m in ms)
         if not med["gate_up"] or not med["down"]:
             print(f"{shape:60s} (no profile)")
             continue
@@ -112,7 +114,8 @@ def report(rows, shapes, calls: int, bits: int, k: int, keep_l2: bool = False) -
               f"{total_bytes / (us['gate_up'] + us['down']) / 1e3:6.0f} "
               f"{med['gate_up']['launch__registers_per_thread']:4.0f}/{med['down']['launch__registers_per_thread']:<4.0f} "
               f"{med['gate_up']['sm__warps_active.avg.pct_of_peak_sustained_active']:5.1f}/"
-              f"{med['down']['sm__warps_active.avg.pct_of_peak_sustained_active']:<5.1f}")
+              f"{med['down']['sm__warps_active.avg.pct_of_peak_sustained_active']:<5.1f} "
+              f"{med['gate_up']['staging'] / 1e3:6.1f}/{med['down']['staging'] / 1e3:<6.1f}")
     return {("gate_up_mma" if "S" in shape else f"{kind}_pf"): shape for kind, (_, shape) in best.items()}
 
 
