@@ -93,15 +93,15 @@ def move_to_device(views: Sequence[np.ndarray], rows: Sequence[int]) -> bool:
         return False
     lib, ctx = driver
     lib.cuCtxSetCurrent(ctx)
+    if hasattr(lib, "cuMemPrefetchAsync_v2"):  # CUDA 12.2+ drivers: a location, flags 0
+        device = _Location(_LOCATION_DEVICE, 0)
+        prefetch = lambda a, n: lib.cuMemPrefetchAsync_v2(a, n, device, ctypes.c_uint(0), ctypes.c_void_p(None))
+    else:
+        prefetch = lambda a, n: lib.cuMemPrefetchAsync(a, n, ctypes.c_int(0), ctypes.c_void_p(None))
     for view in views:
         stride = view.strides[0]
         for row in rows:
-            address, size = ctypes.c_uint64(view.ctypes.data + int(row) * stride), ctypes.c_size_t(stride)
-            if hasattr(lib, "cuMemPrefetchAsync_v2"):  # CUDA 12.2+ drivers: a location, flags 0
-                rc = lib.cuMemPrefetchAsync_v2(address, size, _Location(_LOCATION_DEVICE, 0), ctypes.c_uint(0),
-                                               ctypes.c_void_p(None))
-            else:
-                rc = lib.cuMemPrefetchAsync(address, size, ctypes.c_int(0), ctypes.c_void_p(None))
+            rc = prefetch(ctypes.c_uint64(view.ctypes.data + int(row) * stride), ctypes.c_size_t(stride))
             if rc:
                 warnings.warn(f"flash-moe: cuMemPrefetchAsync failed with CUDA error {rc}; cached "
                               "records will migrate to the GPU page by page (slower, still correct)")

@@ -604,7 +604,7 @@ def _down_mma_plans(target, x, w, inds, scores, N, D, I, K, out_dtype) -> Option
     bits, gs = w.bits, w.group_size
     epl = 128 // bits
     blk = 4 * epl
-    if bits not in (2, 4) or gs % epl or blk % gs or I % blk or K > 16:  # (K warps at up to 128 registers)
+    if bits not in (2, 4) or gs % epl or blk % gs or I % blk or K > 16:  # (one warp per slot)
         return None
     t = tuning("down_mma", bits)
     T = _halving_fit(D, 16, max(1, t["T"]))

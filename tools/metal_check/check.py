@@ -159,16 +159,18 @@ def _infos(plan: launch.Plan) -> List[codegen.InputInfo]:
     return [codegen.InputInfo(a.dtype, a.size, a.ndim) for a in plan.inputs]
 
 
+def plan_source(target: str, plan: launch.Plan) -> str:
+    """The complete source of ``plan``'s kernel, as MLX would compile it for ``target``."""
+    unit = codegen.metal_translation_unit if target == "metal" else codegen.cuda_translation_unit
+    return unit(plan.spec, _infos(plan), plan.out_dtypes, codegen.template_args(plan.spec, plan.template))
+
+
 def translation_units(target: str) -> Dict[str, str]:
     """label -> complete source, as MLX would compile it, for every variant."""
     units: Dict[str, str] = {}
     seen = set()
     for label, plan in variants(target):
-        targs = codegen.template_args(plan.spec, plan.template)
-        if target == "metal":
-            src = codegen.metal_translation_unit(plan.spec, _infos(plan), plan.out_dtypes, targs)
-        else:
-            src = codegen.cuda_translation_unit(plan.spec, _infos(plan), plan.out_dtypes, targs)
+        src = plan_source(target, plan)
         if src not in seen:
             seen.add(src)
             units[label] = src
@@ -181,6 +183,15 @@ def _compile(cmd: List[str], src: str, suffix: str) -> Tuple[int, str]:
         path.write_text(src)
         proc = subprocess.run(cmd + [str(path)], capture_output=True, text=True, cwd=tmp)
         return proc.returncode, proc.stdout + proc.stderr
+
+
+def ptxas_registers(plan: launch.Plan, nvcc: Optional[str] = None) -> int:
+    """Registers a thread of ``plan``'s CUDA kernel takes, by sm_90 ptxas."""
+    rc, log = _compile(_nvcc_cubin(nvcc, "/dev/null") + ["-Xptxas", "-v"], plan_source("cuda", plan), ".cu")
+    if rc:
+        raise RuntimeError(log[-2000:])
+    (regs,) = map(int, re.findall(r"Used (\d+) registers", log))
+    return regs
 
 
 def sass_instructions(cubin: bytes) -> Dict[str, int]:
