@@ -183,7 +183,13 @@ CONFIGS = {
                         dict(R=1, W=16, tgs=264, DB=0, PF=4), dict(R=1, W=12, tgs=0, DH=0),
                         dict(R=1, W=12, tgs=0, DH=1), dict(R=1, W=12, tgs=0, DH=5)]),
         ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512),
-                     dict(R=1, tgs=256, PF=1), dict(R=2, tgs=128, PF=1)])),
+                     dict(R=1, tgs=256, PF=1), dict(R=2, tgs=128, PF=1)]),
+        # half-precision products (the shapes a bfloat16 x runs on CUDA; HP 0 falls back to the
+        # float32 shapes above)
+        ("gate_up_hp", [dict(R=1, W=16, tgs=0, HP=2), dict(R=1, W=16, tgs=0, HP=1), dict(R=1, W=12, tgs=0, HP=2),
+                        dict(R=2, W=8, tgs=0, HP=2), dict(R=1, W=16, tgs=0, HP=2, DH=5), dict(HP=0)]),
+        ("down_hp", [dict(R=4, tgs=256, HP=1), dict(R=2, tgs=512, HP=1), dict(R=8, tgs=256, HP=1),
+                     dict(R=4, tgs=128, HP=1), dict(R=4, tgs=256, HP=2), dict(HP=0)])),
     4: (("expert_mlp_sk", [dict(C=64, W=4, R=1, RD=2), dict(C=64, W=8, R=1, RD=2), dict(C=64, W=4, R=2, RD=2),
                            dict(C=64, W=4, R=1, RD=4), dict(C=64, W=2, R=1, RD=2), dict(C=128, W=4, R=1, RD=2),
                            dict(C=128, W=8, R=1, RD=2), dict(C=128, W=8, R=2, RD=4), dict(C=32, W=4, R=1, RD=2),
@@ -196,7 +202,7 @@ CONFIGS = {
                          dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0), dict(S=16, WR=1, PD=2, tgs=0, PF=0, XB=0),
                          dict(S=8, WR=2, PD=2, tgs=0, PF=1, DH=9), dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=0, DH=9),
                          dict(S=8, WR=2, PD=2, tgs=0, PF=1, MD=1), dict(S=16, WR=1, PD=2, tgs=0, PF=1, MD=1)]),
-        ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512)]),
+        ("down_hp", [dict(R=4, tgs=256, HP=1), dict(R=2, tgs=512, HP=1), dict(HP=0)]),
         ("down_mma", [dict(T=1, PD=2), dict(T=1, PD=4), dict(T=2, PD=4), dict(T=1, PD=8), dict(T=4, PD=2)])),
     5: (("expert_mlp_ska", [dict(C=64, W=4, R=1, RD=4, P=4), dict(C=64, W=4, R=1, RD=4, P=3),
                             dict(C=64, W=4, R=1, RD=2, P=4), dict(C=64, W=4, R=1, RD=4, P=6),
@@ -230,7 +236,7 @@ def autotune(peak: float, bits: int, version: int, k: int = 10, sets: int = 8) -
             t = timeit(chained(lambda xi, i: launch.expert_mlp(target, xi, ws[i % sets], inds, scores,
                                                                version=version), x))
             shape = " ".join(f"{n}{v}" for p in plans for n, v in p.template.items()
-                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF", "DH", "S", "PD", "T"))
+                             if n in ("C", "R", "RD", "W", "P", "G", "RPT", "DB", "PF", "DH", "S", "PD", "T", "HP"))
             shape += "".join(f" {n}{cfg[n]}" for n in ("XB", "MD") if n in cfg)  # (launches, not template values)
             row(key, f"b{bits} k{k} {shape} chained", t, None, nbytes, peak, "")
             if key not in best or t < best[key][0]:

@@ -251,7 +251,7 @@ def test_metal_translation_unit_follows_mlx_wrapper():
     assert "const constant int32_t* inds [[buffer(7)]]" in src  # fewer than 8 elements
     assert "device float* h [[buffer(8)]]" in src
     assert "uint3 threadgroup_position_in_grid [[threadgroup_position_in_grid]]" in src
-    assert ("template <int BITS, int GS, int D, int I, int K, int R, int W, int G, int DB, int PF, typename XT, "
+    assert ("template <int BITS, int GS, int D, int I, int K, int R, int W, int G, int DB, int PF, int HP, typename XT, "
             "typename ST>") in src
 
 
@@ -334,6 +334,49 @@ def test_matrix_unit_threadgroups_fit_the_register_file(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_v2_gate_up_fits_the_register_file(monkeypatch):
+    """v2's gate/up threadgroup is as many warps as asked only where the registers ptxas gives
+    the sm_90 kernel fit 64K: 16 with half-precision products (the default shape for a bfloat16
+    x), 12 with float32 products, 8 at 8 bits (whose float kernel takes ~250 registers: the H200
+    refused 12 warps of it, Run 16)."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_pf", dict(launch.TUNING["gate_up_pf"], W=16))
+    for bits, xdt, hp, warps in [(4, mx.bfloat16, 2, 16), (4, mx.bfloat16, 1, 16), (2, mx.float16, 2, 16),
+                                 (4, mx.float32, 2, 12), (2, mx.bfloat16, 0, 12), (8, mx.bfloat16, 2, 8),
+                                 (8, mx.float32, 0, 8)]:
+        monkeypatch.setitem(launch.TUNING, "gate_up_hp", dict(launch.TUNING["gate_up_hp"], W=16, HP=hp))
+        w = check._experts(10, 4096, 1024, bits, 64, mx.bfloat16)
+        plan = launch.plan_expert_mlp("cuda", check.A((1, 4096), xdt), w, check.A((1, 10), mx.int32),
+                                      check.A((1, 10), mx.bfloat16), version=2)[0]
+        assert plan.template["HP"] == (hp if xdt != mx.float32 else 0)
+        assert plan.group_size == 32 * warps, (bits, xdt, hp, plan.template)
+        regs = check.ptxas_registers(plan)
+        assert regs * plan.group_size <= 65536, (bits, xdt, hp, regs)
+
+
+def test_half_precision_products_only_on_cuda_with_half_width_x():
+    """The _hp shapes (and HP) apply on CUDA where x is bfloat16 or float16; a float32 x and
+    Metal keep the float32 shapes, and HP 0 in an _hp shape turns them off."""
+    w = make_experts(4, 256, 128, 4, 64, mx.bfloat16)
+    args = (launch.ArraySpec((1, 4), mx.int32), launch.ArraySpec((1, 4), mx.bfloat16))
+    for target, xdt, want in [("cuda", mx.bfloat16, (2, 1)), ("cuda", mx.float16, (2, 1)),
+                              ("cuda", mx.float32, (0, 0)), ("metal", mx.bfloat16, (0, 0))]:
+        plans = launch.plan_expert_mlp(target, launch.ArraySpec((1, 256), xdt), w, *args, version=2)
+        assert tuple(p.template["HP"] for p in plans) == want, (target, xdt)
+        want_shape = ("gate_up_hp", "down_hp") if want[0] else ("gate_up_pf", "down_pf")
+        assert plans[1].template["R"] == min(launch.TUNING[want_shape[1]]["R"], plans[1].template["RPT"])
+    saved = dict(launch.TUNING["gate_up_hp"])
+    try:
+        launch.TUNING["gate_up_hp"] = dict(saved, HP=0)
+        plans = launch.plan_expert_mlp("cuda", launch.ArraySpec((1, 256), mx.bfloat16), w, *args, version=2)
+        assert [p.template["HP"] for p in plans] == [0, 1]
+        launch.TUNING["gate_up_hp"] = dict(saved, HP=3)
+        with pytest.raises(ValueError, match="HP must be 0, 1 or 2"):
+            launch.plan_expert_mlp("cuda", launch.ArraySpec((1, 256), mx.bfloat16), w, *args, version=2)
+    finally:
+        launch.TUNING["gate_up_hp"] = saved
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_matrix_unit_down_fits_the_register_file(monkeypatch):
     """Down on the matrix units runs one warp per slot, so its threadgroup is K warps whatever the
     shape: there the blocks in flight give way. The H200 refused T1 PD8 with a float32 x (10 warps)
@@ -368,6 +411,8 @@ def test_ncu_sweep_counts_each_staging_launch_with_its_kernel(capsys):
     assert line[-7:-4] == ["21.5", "8.0", "29.5"]  # gate/up, down, sum (us); then GB/s, registers, occupancy
     assert line[-1] == "1.5/2.0"  # and the two staging launches' own times (us), inside those sums
     assert best == {"gate_up_mma": {"S": 8, "MD": 1}, "down_pf": {"R": 1}}
+    best = sweep.report(rows, [({"R": 1, "W": 16, "HP": 2}, {"R": 4, "HP": 1})], calls=1, bits=4, k=10, keep_l2=True)
+    assert best == {"gate_up_hp": {"R": 1, "W": 16, "HP": 2}, "down_hp": {"R": 4, "HP": 1}}
 
 
 def test_sass_loop_bodies_are_found():
@@ -413,6 +458,13 @@ def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1):
         (y,) = simt.simulate(plan)
     out_dtype = x.dtype if combine is None else mx.result_type(x.dtype, combine[0].dtype, combine[1].dtype)
     return y.astype(out_dtype)
+
+
+@pytest.fixture
+def float_down(monkeypatch):
+    """v2's down in float32 products behind v6 (tests that hold v6's float32 sums to 1e-5; with a
+    half-width x v2's down would multiply in half precision, launch.v2_shape)."""
+    monkeypatch.setitem(launch.TUNING, "down_hp", dict(launch.TUNING["down_hp"], HP=0))
 
 
 @pytest.fixture
@@ -573,7 +625,7 @@ def test_simulated_gate_up_hints_down_rows(dh, tgs, monkeypatch):
 
 @needs_cxx
 @pytest.mark.parametrize("dh, xb, tgs", [(1, 0, 2), (9, 1, 2), (5, 1, 3), (9, 0, 40)])
-def test_simulated_matrix_unit_gate_up_hints_down_rows(dh, xb, tgs, monkeypatch):
+def test_simulated_matrix_unit_gate_up_hints_down_rows(dh, xb, tgs, monkeypatch, float_down):
     """v6's gate/up with DH hints down's rows as v2's does, counted in rounds: every row of each
     token's experts, with or without x staged per token (XB), with 40 threadgroups asked for 24
     items (one item each: half the warps have none), and the result does not change; on Metal the
@@ -602,6 +654,52 @@ def test_simulated_matrix_unit_gate_up_hints_down_rows(dh, xb, tgs, monkeypatch)
     for name, arr in (("wd", w.down.weight), ("sd", w.down.scales), ("bd", w.down.biases)):
         assert _merged([(a, b) for n_, a, b in hints if n_ == name]) == _whole_experts(arr, experts, U), name
     assert not [n_ for n_, _, _ in hints if n_ not in ("wd", "sd", "bd")]  # (PF is 0)
+
+
+def _sim_f32_sum(x, w, inds, scores):
+    """v2's float32 sum (what the MoE layer asks for) on the simulator, and its plans."""
+    plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=2, out_dtype=mx.float32)
+    y = None
+    for plan in plans:
+        if y is not None:
+            plan.inputs[_placeholder(plan)] = y
+        (y,) = simt.simulate(plan)
+    return y, plans
+
+
+@needs_cxx
+@pytest.mark.parametrize("bits, H, I, N, K, xdt", [
+    (4, 1024, 256, 1, 3, mx.bfloat16),   # 32 lanes a row
+    (2, 1024, 256, 2, 2, mx.float16),    # fields above bit 10 of a half: shifted by 10
+    (8, 256, 128, 1, 2, mx.bfloat16),    # one field a half below bit 10, one shifted by 8
+    (4, 64, 64, 3, 2, mx.bfloat16),      # the tiny model: 2 lanes a row
+])
+@pytest.mark.parametrize("hp, tol", [(1, 8e-3), (2, 3e-3)])
+def test_simulated_half_precision_products(bits, H, I, N, K, xdt, hp, tol, monkeypatch):
+    """v2 with HP 1 / 2 (weights times x in half precision, two an instruction): the float32 sum
+    is within the half-precision error of the float64 truth (HP 1 measured 2-5e-3, HP 2 ~1e-3,
+    where float products give ~4e-7), also when x is scaled far outside half precision's range
+    (each lane chunk's power-of-two scale), and a float32 x keeps float products."""
+    monkeypatch.setitem(launch.TUNING, "gate_up_hp", dict(launch.TUNING["gate_up_hp"], HP=hp))
+    monkeypatch.setitem(launch.TUNING, "down_hp", dict(launch.TUNING["down_hp"], HP=hp))
+    U = 4
+    w = make_experts(U, H, I, bits, 64, mx.bfloat16, seed=bits + hp)
+    inds = mx.array(np.random.default_rng(H + N).integers(0, U, (N, K)).astype(np.int32))
+    scores = mx.softmax(mx.random.normal((N, K)), axis=-1).astype(xdt)
+    base = mx.random.normal((N, H))
+    base = mx.where(mx.arange(H) < H // 4, 0.0, base)  # whole chunks of zeros
+    for scale in (1.0, 2.0 ** 40, 2.0 ** -60):
+        x = (base * scale).astype(xdt) if xdt == mx.bfloat16 else base.astype(xdt) * mx.array(scale, xdt)
+        if xdt == mx.float16 and scale != 1.0:
+            continue  # not representable in float16 itself
+        y, plans = _sim_f32_sum(x, w, inds, scores)
+        assert [p.template["HP"] for p in plans] == [hp, hp]
+        truth = np_expert_mlp(x, w, inds, scores)
+        assert not bool(mx.isnan(y).any())
+        assert rel(y, truth) < tol, (scale, rel(y, truth))
+    y, plans = _sim_f32_sum(base, w, inds, scores.astype(mx.float32))
+    assert [p.template["HP"] for p in plans] == [0, 0]
+    assert rel(y, np_expert_mlp(base, w, inds, scores.astype(mx.float32))) < 1e-5
 
 
 @needs_cxx
@@ -663,7 +761,7 @@ def test_simulated_staged_split_k_matches_reference(bits, gs, H, I, N, K, xdt, s
     (4, 32, 256, 64, 1, 3, mx.bfloat16, mx.float16, 2),    # a group per chunk
 ])
 @pytest.mark.parametrize("xb", [0, 1], ids=["staged-per-threadgroup", "staged-per-token"])
-def test_simulated_matrix_unit_gate_up_matches_reference(layout, bits, gs, H, I, N, K, xdt, sdt, cs, xb, monkeypatch):
+def test_simulated_matrix_unit_gate_up_matches_reference(layout, bits, gs, H, I, N, K, xdt, sdt, cs, xb, monkeypatch, float_down):
     """v6 under both targets' matrix-unit lane layouts (CUDA's mma.sync, Metal's 8x8 simdgroup
     matrices): warps that loop over rounds, carry their block ring into the next item and add
     the rows of several rounds after one barrier. Its h,
@@ -710,7 +808,7 @@ def _bf16_pieces(h: mx.array, pieces: int) -> mx.array:
     (4, 128, 256, 256, 1, 2, mx.float32, mx.bfloat16, 1, 2),  # 3 pieces (exact), one group a block
     (4, 32, 256, 512, 1, 2, mx.bfloat16, mx.bfloat16, 2, 2),  # a group per chunk: 4 used columns
 ])
-def test_simulated_matrix_unit_down_matches_v2s_down(layout, bits, gs, H, I, N, K, xdt, sdt, T, PD, monkeypatch):
+def test_simulated_matrix_unit_down_matches_v2s_down(layout, bits, gs, H, I, N, K, xdt, sdt, T, PD, monkeypatch, float_down):
     """v6 with MD: h staged per (token, slot) pair, then down on the matrix units, under both
     lane layouts. On an h already in as many bfloat16 pieces as x's dtype gives it, its sum
     matches v2's down on the same h to 1e-5; from gate/up's own h, the float64 reference to what
@@ -764,7 +862,7 @@ def test_simulated_matrix_unit_down_fuses_the_combine(monkeypatch):
 
 @needs_cxx
 @pytest.mark.parametrize("pf", [16, 1, 3])
-def test_simulated_matrix_unit_l2_hints(pf, monkeypatch):
+def test_simulated_matrix_unit_l2_hints(pf, monkeypatch, float_down):
     """v6's L2 hints stay inside the inputs (the simulator checks each), change no result, and
     cover the weight rows of every item of the run (PF 16) or of every item after each warp's
     first (PF 1-15, at any distance)."""

@@ -34,6 +34,11 @@ def rel(a: mx.array, b: mx.array) -> float:
     return (mx.linalg.norm(a - b) / mx.linalg.norm(b)).item()
 
 
+def rel64(a: mx.array, b: mx.array) -> float:
+    a, b = (np.array(t.astype(mx.float32)).astype(np.float64) for t in (a, b))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def experts(U: int, bits: int, sdt=mx.bfloat16, seed: int = 0, dims=(H, I)) -> ExpertWeights:
     mx.random.seed(seed)
     hidden, inter = dims
@@ -121,6 +126,33 @@ def test_expert_mlp_v2_launch_variants(gate_up, down, bits, N, dims, monkeypatch
     assert rel(y, ref) < 1e-4
 
 
+@pytest.mark.parametrize("hp, tol", [(1, 8e-3), (2, 3e-3)])
+@pytest.mark.parametrize("bits, N, xdt, dims", [(4, 1, mx.bfloat16, (H, I)), (2, 1, mx.bfloat16, (H, I)),
+                                                (4, 4, mx.float16, (H, I)), (8, 2, mx.bfloat16, (H, I)),
+                                                (4, 3, mx.bfloat16, (64, 64))],
+                         ids=["b4-N1", "b2-N1", "b4-N4-f16", "b8-N2", "b4-tiny"])
+def test_expert_mlp_half_precision_products(hp, tol, bits, N, xdt, dims, monkeypatch):
+    """v2 with HP 1 / 2 (HFMA2: weight pairs times x pairs in half precision; subnormal halves
+    must not be flushed): the float32 sum is within half precision's error of the float32
+    reference on the same x values, at x scaled by 1, 2^40 and 2^-60 (bfloat16 only)."""
+    monkeypatch.setattr(launch, "PROJECTION_VERSION", 2)
+    monkeypatch.setitem(launch.TUNING, "gate_up_hp", dict(launch.TUNING["gate_up_hp"], HP=hp))
+    monkeypatch.setitem(launch.TUNING, "down_hp", dict(launch.TUNING["down_hp"], HP=hp))
+    k, U = 10, 12
+    w = experts(U, bits, seed=bits * 3 + N + hp, dims=dims)
+    inds, scores = routing(N, k, U, seed=N + bits)
+    base = mx.random.normal((N, dims[0]))
+    for scale in (1.0, 2.0 ** 40, 2.0 ** -60) if xdt == mx.bfloat16 else (1.0,):
+        x = (base * scale).astype(xdt)
+        plans = launch.plan_expert_mlp(K.active_backend(), x, w, inds, scores, out_dtype=mx.float32)
+        assert [p.template["HP"] for p in plans] == [hp, hp]
+        y = K.expert_mlp(x, w, inds, scores, out_dtype=mx.float32)
+        ref = reference.expert_mlp(x.astype(mx.float32), upcast(w), inds, scores)
+        assert not mx.isnan(y).any().item()
+        err = rel64(y, ref)  # (float32 norms of 2^40-sized sums would overflow)
+        assert err < tol, (scale, err)
+
+
 @pytest.mark.parametrize("mma", [dict(S=8, WR=1, PD=4, tgs=0), dict(S=4, WR=2, PD=2, tgs=0),
                                  dict(S=2, WR=4, PD=4, tgs=48), dict(S=8, WR=1, PD=1, tgs=0, CS=1),
                                  dict(S=8, WR=2, PD=2, tgs=0, PF=1, XB=1),
@@ -135,6 +167,7 @@ def test_expert_mlp_matrix_units(mma, bits, N, xdt, monkeypatch):
     on the same x values to 1e-5 (x's pieces are exact; the products are exact in float32)."""
     monkeypatch.setattr(launch, "PROJECTION_VERSION", 6)
     monkeypatch.setitem(launch.TUNING, "gate_up_mma", mma)
+    monkeypatch.setitem(launch.TUNING, "down_hp", dict(launch.TUNING["down_hp"], HP=0))  # (down in float32)
     k, U = 10, 24
     w = experts(U, bits, seed=bits * 7 + N)
     x = mx.random.normal((N, H)).astype(xdt)
@@ -237,6 +270,52 @@ def test_tiny_model_end_to_end(packed, request):
     faulthandler.cancel_dump_traceback_later()
     assert not mx.isnan(ours).any().item()
     assert mx.abs(ours - ref).max().item() < 1e-3
+
+
+def test_bfloat16_model_half_precision_products_end_to_end(tmp_path, monkeypatch):
+    """A bfloat16 tiny model on the kernels (v2 with half-precision products, the default for a
+    bfloat16 x): fed the same tokens, its logits are no further from the same model run in float32
+    activations than the bfloat16 reference path's are. (This random model is so sensitive to
+    rounding that bfloat16 alone moves its logits by ~1.5 on a scale of ~3.6, CPU simulator: the
+    kernels with float32 / HP 2 / HP 1 products 1.21 / 1.29 / 1.20; so this bounds, not pins.)"""
+    import flash_moe
+    from flash_moe import convert
+    from flash_moe.tiny import make_tiny_checkpoint
+
+    path = convert(make_tiny_checkpoint(tmp_path / "hf", dtype="bfloat16"), tmp_path / "p4", bits=4,
+                   progress=False)
+    prompt = mx.array([[5, 17, 99, 200, 3, 44, 61, 7]])
+
+    def run(tokens=None, float32=False):
+        model, _ = flash_moe.load(path)
+        if float32:
+            model.set_dtype(mx.float32)
+        cache = model.make_cache()
+        logits, fed = [model(prompt, cache=cache)[:, -1]], []
+        for i in range(6):
+            fed.append(mx.argmax(logits[-1], axis=-1) if tokens is None else tokens[i])
+            logits.append(model(fed[-1][:, None], cache=cache)[:, -1])
+        out = mx.stack(logits).astype(mx.float32)
+        mx.eval(out)
+        return out, fed
+
+    with K.backend("reference"):
+        ref, tokens = run()
+        truth, _ = run(tokens, float32=True)
+    plans_seen = []
+    plan = launch.plan_expert_mlp
+
+    def recording(*args, **kwargs):
+        plans = plan(*args, **kwargs)
+        plans_seen.extend(p.template.get("HP") for p in plans or ())
+        return plans
+
+    monkeypatch.setattr(launch, "plan_expert_mlp", recording)
+    ours, _ = run(tokens)
+    assert plans_seen and set(plans_seen) == {launch.TUNING["gate_up_hp"]["HP"], launch.TUNING["down_hp"]["HP"]}
+    assert not mx.isnan(ours).any().item()
+    err, err_ref = (mx.abs(a - truth).max().item() for a in (ours, ref))
+    assert err <= 1.25 * err_ref, (err, err_ref)
 
 
 def pack_records(w: ExpertWeights):

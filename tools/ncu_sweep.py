@@ -1,6 +1,6 @@
 """Launch-shape sweep of the v2 expert kernels by GPU time, as a table (needs Nsight Compute).
 
-    python3 tools/ncu_sweep.py [--bits 4] [--keep-l2] --gate-up R,W,tgs[,DB[,PF[,DH]]] ... --down R,tgs[,PF] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH[,MD]]]]]] ...]
+    python3 tools/ncu_sweep.py [--bits 4] [--keep-l2] --gate-up R,W,tgs[,DB[,PF[,DH[,HP]]]] ... --down R,tgs[,PF[,HP]] ... [--mma S,WR,PD,tgs[,CS[,RBM[,PF[,XB[,DH[,MD]]]]]] ...]
 
 Runs ``tools/profile_expert_mlp.py --sweep`` under ``ncu`` (boost clocks, L2 flushed before
 every kernel, as a decode step meets its weights) and prints, per launch shape, the median GPU
@@ -116,7 +116,9 @@ def report(rows, shapes, calls: int, bits: int, k: int, keep_l2: bool = False) -
               f"{med['gate_up']['sm__warps_active.avg.pct_of_peak_sustained_active']:5.1f}/"
               f"{med['down']['sm__warps_active.avg.pct_of_peak_sustained_active']:<5.1f} "
               f"{med['gate_up']['staging'] / 1e3:6.1f}/{med['down']['staging'] / 1e3:<6.1f}")
-    return {("gate_up_mma" if "S" in shape else f"{kind}_pf"): shape for kind, (_, shape) in best.items()}
+    # (a shape with HP 1 or 2 is a half-precision shape: the library takes it from the _hp key)
+    return {("gate_up_mma" if "S" in shape else f"{kind}_hp" if shape.get("HP") else f"{kind}_pf"): shape
+            for kind, (_, shape) in best.items()}
 
 
 if __name__ == "__main__":

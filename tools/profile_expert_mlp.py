@@ -35,9 +35,9 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=6)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--gate-up", nargs="*", default=None,
-                   help="R,W,threadgroups[,DB[,PF[,DH]]] for the sweep (DB: double buffer, PF: L2 hints, "
-                   "DH: hints of down's rows)")
-    p.add_argument("--down", nargs="*", default=None, help="R,threadgroups[,PF] (as many as --gate-up)")
+                   help="R,W,threadgroups[,DB[,PF[,DH[,HP]]]] for the sweep (DB: double buffer, PF: L2 hints, "
+                   "DH: hints of down's rows, HP: half-precision products)")
+    p.add_argument("--down", nargs="*", default=None, help="R,threadgroups[,PF[,HP]] (as many as --gate-up)")
     p.add_argument("--mma", nargs="*", default=None,
                    help="S,WR,PD,threadgroups[,CS[,RBM[,PF[,XB[,DH[,MD]]]]]]: v6 gate/up shapes to run too (default "
                    "down; MD 1: down on the matrix units)")
@@ -49,18 +49,24 @@ def main() -> None:
     inds = mx.random.permutation(a.experts)[: a.k][None].astype(mx.int32)
     scores = mx.softmax(mx.random.normal((1, a.k)), axis=-1)
     mx.eval(x, inds, scores)
-    shapes = [(dict(launch.TUNING["gate_up_pf"]), dict(launch.TUNING["down_pf"]))]
+    # the library's shapes for this bfloat16 x (half-precision products where the _hp shapes ask)
+    shapes = [tuple(dict(launch.v2_shape("cuda", k, a.bits, mx.bfloat16)[0]) for k in ("gate_up", "down"))]
     if a.sweep:
-        shapes += [(dict(zip(("R", "W", "tgs", "DB", "PF", "DH"), g)), dict(zip(("R", "tgs", "PF"), d)))
+        shapes += [(dict(zip(("R", "W", "tgs", "DB", "PF", "DH", "HP"), g)), dict(zip(("R", "tgs", "PF", "HP"), d)))
                    for g, d in zip(gate_up_shapes, down_shapes)]
-    default_down = dict(launch.TUNING["down_pf"])
+    default_down = shapes[0][1]
     for m in a.mma or []:
         shapes.append((dict(zip(("S", "WR", "PD", "tgs", "CS", "RBM", "PF", "XB", "DH", "MD"), map(int, m.split(",")))),
                        default_down))
     for gate_up, down in shapes:
         mma = "S" in gate_up  # a v6 shape
         launch.PROJECTION_VERSION = 6 if mma else 2
-        launch.TUNING["gate_up_mma" if mma else "gate_up_pf"], launch.TUNING["down_pf"] = gate_up, down
+        # a shape with HP 1 or 2 runs as the half-precision shape, one without as the float32 one
+        if mma:
+            launch.TUNING["gate_up_mma"] = gate_up
+        else:
+            launch.TUNING["gate_up_pf"] = launch.TUNING["gate_up_hp"] = dict(gate_up, HP=gate_up.get("HP", 0))
+        launch.TUNING["down_pf"] = launch.TUNING["down_hp"] = dict(down, HP=down.get("HP", 0))
         for i in range(a.calls):
             mx.eval(K.expert_mlp(x, sets[i % a.sets], inds, scores, out_dtype=mx.float32))
             mx.synchronize()

@@ -72,6 +72,19 @@ METAL_MACROS = r"""
 // Apple GPUs have no prefetch-to-cache instruction: an L2 hint is nothing.
 #define FM_PREFETCH_L2(p, bytes) ((void)0)
 #define FM_AS_UINT(f) as_type<uint32_t>(f)
+// Half-precision pairs (HP): two halves in a uint32 (the first in the low 16 bits).
+#define FM_H2 half2
+#define FM_H2_BITS(u) as_type<half2>(uint32_t(u))
+#define FM_H2_FMA(a, b, c) metal::fma((a), (b), (c))
+inline uint32_t fm_h2_pack(float lo, float hi) {  // rounded to nearest even
+  half2 v;
+  v.x = half(lo);
+  v.y = half(hi);
+  return as_type<uint32_t>(v);
+}
+inline float fm_h2_sum(half2 v) {
+  return float(v.x) + float(v.y);
+}
 // Matrix units (v6): one 16x16 (A) times 16x8 (B) product with float accumulation, made of four
 // 8x8 simdgroup matrices. Lane l holds A[FR][FC..FC+1], A[FR+8][..], A[FR][FC+8..FC+9], A[FR+8][..]
 // (each a pair of bfloat16 in a uint32, the lower column in the low half) and C[FR][FC..FC+1],
@@ -160,6 +173,22 @@ FM_INLINE void fm_prefetch_l2(const void* p, unsigned long long bytes) {
 #endif
 }
 #define FM_AS_UINT(f) __float_as_uint(f)
+// Half-precision pairs (HP): two halves in a uint32 (the first in the low 16 bits); one HFMA2
+// multiplies and adds both. Subnormal halves are kept (no flush to zero in half arithmetic).
+#define FM_H2 __half2
+#define FM_H2_BITS(u) fm_h2_bits(u)
+#define FM_H2_FMA(a, b, c) __hfma2((a), (b), (c))
+FM_INLINE __half2 fm_h2_bits(uint32_t u) {
+  return *reinterpret_cast<const __half2*>(&u);
+}
+FM_INLINE uint32_t fm_h2_pack(float lo, float hi) {  // rounded to nearest even
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+FM_INLINE float fm_h2_sum(__half2 v) {
+  const float2 f = __half22float2(v);
+  return f.x + f.y;
+}
 // Matrix units (v6): mma.sync m16n8k16, bfloat16 inputs, float32 accumulation (sm_80+). Lane l
 // holds A[FR][FC..FC+1], A[FR+8][..], A[FR][FC+8..FC+9], A[FR+8][..] (pairs of bfloat16 in a
 // uint32, the lower column in the low half) and C[FR][FC..FC+1], C[FR+8][FC..FC+1]; its B values
@@ -269,7 +298,7 @@ GATE_UP_PF = KernelSpec(
     inputs=_PROJ_INPUTS,
     outputs=("h",),
     body=sources_prefetch.GATE_UP_PF,
-    template=("BITS", "GS", "D", "I", "K", "R", "W", "G", "DB", "PF", "XT", "ST"),
+    template=("BITS", "GS", "D", "I", "K", "R", "W", "G", "DB", "PF", "HP", "XT", "ST"),
 )
 
 
@@ -282,7 +311,7 @@ def _with_down_hints(spec: KernelSpec) -> KernelSpec:
 
 GATE_UP_PF_DH = _with_down_hints(GATE_UP_PF)
 DOWN_PF, DOWN_COMBINE_PF = _down_pair("_pf", sources_prefetch.DOWN_PF,
-                                      ("BITS", "GS", "D", "O", "K", "R", "RPT", "PF", "ST", "RT", "OutT"))
+                                      ("BITS", "GS", "D", "O", "K", "R", "RPT", "PF", "HP", "ST", "RT", "OutT"))
 # v6: gate/up on the matrix units (down is v2's); each threadgroup stages x itself, or (XB) a
 # first launch stages it once per token and gate/up copies it.
 _MMA_TEMPLATE = ("BITS", "GS", "D", "I", "K", "W", "S", "G", "PD", "P", "CS", "RBM", "PF", "XT", "ST")

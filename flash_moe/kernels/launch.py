@@ -40,10 +40,20 @@ TUNING: Dict[str, Dict[str, int]] = {
     # on the H200 (KERNELS_NOTES.md, Run 10). DH: gate/up hints down's rows into L2 once each
     # warp has done (DH - 1) / 8 of its items (0: no hints; CUDA only). 9, after its last item:
     # down 12.0-12.4 us against 13.8-14.4, gate/up unchanged within noise (H200, 4-bit, Run 12).
+    # These shapes multiply in float32 (3 instructions a weight); W gives way where the
+    # threadgroup would not fit the register file (gate_up_pf_warps).
     "gate_up_pf": {"R": 1, "W": 12, "tgs": 0, "DB": 1, "PF": 0, "DH": 9},
     # down: R rows per iteration (R 2 took 11.9 us against 10.7 for R 1 with its rows mostly in
     # L2, H200, 4-bit k=10, Run 13), tgs threadgroups, PF as above.
     "down_pf": {"R": 1, "tgs": 256, "PF": 0},
+    # v2 with half-precision products (HP 1 or 2: pairs of weights times pairs of x in one HFMA2,
+    # sources.fm_dot_chunk_hp; HP 0 here: the float32 shapes above), used on CUDA where x is
+    # bfloat16 or float16. HP 1 takes 1.1 instructions a weight, HP 2 1.6 and is 2.4-4x more
+    # accurate. H200, 4-bit k=10, Run 16: gate/up HP 2 at 16 warps 19.1-19.5 us (HP 1 18.5-19.7,
+    # float32 products 23.0-24.7); down HP 1 at R 4 8.6-8.7 us (R 2 / 512 threadgroups 9.4-9.6,
+    # HP 2 10.1, float32 10.6-10.8): one call 27.8 us against 33.7-33.8 in the same run.
+    "gate_up_hp": {"R": 1, "W": 16, "tgs": 0, "DB": 1, "PF": 0, "DH": 9, "HP": 2},
+    "down_hp": {"R": 4, "tgs": 256, "PF": 0, "HP": 1},
     # v6 (gate/up on the matrix units; down is v2's). S: warps that split a row's blocks; WR:
     # items (16 rows) a threadgroup works on at once (W = S * WR warps); PD: blocks each warp has
     # in flight; tgs as v2's; CS: 2 spreads the used B columns over more lanes (1 where the
@@ -117,7 +127,9 @@ def default_version(tokens: int, bits: int = 4, target: str = "cuda") -> int:
         return int(PROJECTION_VERSION)
     # One 2-bit token on CUDA: v6 with x staged once per token (H200, Run 12: 31.4 us of GPU
     # time against v2's 35.3-36.0; at 4 bits v2 stays ahead, 22.3-23.1 against 24.8-26.0 for
-    # gate/up). Metal: v2 (v6 does not fit 32 KB of threadgroup memory at hidden 4096).
+    # gate/up). With v2's half-precision products (Run 16), v6's gate/up still leads at 2 bits
+    # (19.3 us against 19.9-21.9; its down is v2's, in half precision). Metal: v2 (v6 does not
+    # fit 32 KB of threadgroup memory at hidden 4096).
     if tokens == 1 and bits == 2 and target == "cuda":
         return 6
     return 2
@@ -408,39 +420,63 @@ def _plans_v2(target, x, w, inds, scores, N, D, I, K, sub_d, sub_i, out_dtype):
     if K > 16:
         return None
     bits, gs = w.bits, w.group_size
-    tg = tuning("gate_up_pf", bits)
+    tg, hp = v2_shape(target, "gate_up", bits, x.dtype)
     R = _halving_fit(I, sub_d, tg["R"])
-    td = tuning("down_pf", bits)
-    Rd = _halving_fit(D, sub_i, td["R"])
-    if R is None or Rd is None:
+    if R is None:
         return None
     # (shapes set by hand may omit them)
-    db, pf, dh, pf_down = tg.get("DB", 1), tg.get("PF", 0), tg.get("DH", 0), td.get("PF", 0)
-    if not (0 <= pf <= 16 and db in (0, 1) and 0 <= dh <= 9 and pf_down >= 0):
-        raise ValueError(f"v2 launch shapes out of range (PF 0-16, DB 0 or 1, DH 0-9): gate_up_pf {tg}, down_pf {td}")
+    db, pf, dh = tg.get("DB", 1), tg.get("PF", 0), tg.get("DH", 0)
+    if not (0 <= pf <= 16 and db in (0, 1) and 0 <= dh <= 9):
+        raise ValueError(f"v2 gate/up launch shape out of range (PF 0-16, DB 0 or 1, DH 0-9): {tg}")
     items = K * I // (R * sub_d)
     # G need not divide the items (a grid that fills the GPU in one wave can beat a divisor);
     # every threadgroup gets items
     tgs = tg["tgs"] or gpu_cores(target) or 256
     run = -(-items // max(1, min(items, tgs // N)))
     G = -(-items // run)
-    W = tg["W"]
+    W = gate_up_pf_warps(tg["W"], bits, hp)
     while W > 1 and W > run:  # no idle warps
         W //= 2
     spec, inputs = codegen.GATE_UP_PF, _gate_up_inputs(x, w, inds)
-    template = dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=db, PF=pf, XT=x.dtype, ST=w.gate.scales.dtype)
+    template = dict(BITS=bits, GS=gs, D=D, I=I, K=K, R=R, W=W, G=G, DB=db, PF=pf, HP=hp,
+                    XT=x.dtype, ST=w.gate.scales.dtype)
     spec, inputs, template = _hinting_down_rows(target, dh, spec, inputs, template, w)
     gate_up = Plan(spec, inputs, template, N * G, W * 32, [(N * K, I)], [mx.float32])
-    down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
+    down = _down_pf_plan(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype)
     return None if down is None else (gate_up, down)
 
 
-def _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype) -> Optional[Plan]:
+def v2_shape(target: str, kernel: str, bits: int, x_dtype: mx.Dtype) -> Tuple[Dict[str, int], int]:
+    """(launch shape, HP) of v2's ``kernel`` ("gate_up" or "down"): the half-precision shape
+    (``TUNING[kernel + "_hp"]``) where it asks for HP 1 or 2, the target is CUDA and the
+    model's activations are bfloat16 or float16 (their values are exact in half precision); else
+    the float32 shape with HP 0 (Metal: Apple GPUs are not instruction-bound at their bandwidth,
+    and whether they keep subnormal halves is not checked)."""
+    t = tuning(kernel + "_hp", bits)
+    hp = t.get("HP", 0)
+    if hp not in (0, 1, 2):
+        raise ValueError(f"{kernel}_hp's HP must be 0, 1 or 2: {t}")
+    if hp and target == "cuda" and x_dtype in (mx.bfloat16, mx.float16):
+        return t, hp
+    return tuning(kernel + "_pf", bits), 0
+
+
+# Registers a thread of v2's gate/up takes (sm_90 ptxas, double-buffered items; KERNELS_NOTES.md,
+# Run 16): 8-bit 242-254, float32 products 155-160, half-precision products 95-127.
+def gate_up_pf_warps(asked: int, bits: int, hp: int) -> int:
+    """The warps of a v2 gate/up threadgroup: as asked, or as many as fit the register file."""
+    registers = 256 if bits == 8 else (128 if hp else 160)
+    return max(1, min(asked, 65536 // (32 * registers)))
+
+
+def _down_pf_plan(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype) -> Optional[Plan]:
     """v2's down: one warp per expert (K <= 16), RPT rows per threadgroup."""
     bits, gs = w.bits, w.group_size
-    td = tuning("down_pf", bits)
+    td, hp = v2_shape(target, "down", bits, x.dtype)
     Rd = _halving_fit(D, sub_i, td["R"])
     pf_down = td.get("PF", 0)
+    if pf_down < 0:
+        raise ValueError(f"v2 down launch shape out of range (PF >= 0): {td}")
     if Rd is None or K > 16:
         return None
     # rows per threadgroup: the fewest (a multiple of Rd * SUB dividing D) that keep the
@@ -454,7 +490,8 @@ def _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype) -> Opti
     down = Plan(
         codegen.DOWN_PF,
         _down_inputs(w, N * K, I, inds, scores),
-        dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, RPT=rpt, PF=pf_down, ST=w.down.scales.dtype,
+        dict(BITS=bits, GS=gs, D=I, O=D, K=K, R=Rd, RPT=rpt, PF=pf_down, HP=hp,
+             ST=w.down.scales.dtype,
              RT=scores.dtype, OutT=out_dtype),
         N * (D // rpt), K * 32, [(N, D)], [out_dtype],
     )
@@ -579,7 +616,7 @@ def _plans_v6(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype):
     gate_up = Plan(spec, inputs, template, N * G, W * 32, [(N * K, I)], [mx.float32], shared_memory=smem)
     down = _down_mma_plans(target, x, w, inds, scores, N, D, I, K, out_dtype) if t.get("MD", 0) else None
     if down is None:  # v2's down
-        down = _down_pf_plan(target, w, inds, scores, N, D, I, K, sub_i, out_dtype)
+        down = _down_pf_plan(target, x, w, inds, scores, N, D, I, K, sub_i, out_dtype)
         down = None if down is None else (down,)
     return None if down is None else staged + (gate_up,) + down
 

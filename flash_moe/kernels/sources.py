@@ -68,6 +68,85 @@ FM_INLINE float fm_dot_chunk(uint4 w4, FM_THREAD const float* xv) {
   return acc;
 }
 
+// ---- half-precision products (HP 1 and 2): two weights an instruction ----
+// A lane chunk's x is staged as pairs of halves, x * c * 2^-o, c = 2^k a power of two chosen per
+// chunk so that no half sum can overflow, o the bit offset of the element's field (below). Pair
+// j = word k, field p holds the elements of field p in the word's low and high 16-bit halves.
+// HP 1: the masked field alone is a subnormal half, q * 2^(o - 24) exactly (AND, HFMA2); the
+// products sum to sum(q x) * c * 2^-24. HP 2: the field OR-ed into 1024.0 minus (1024 + OFF) *
+// 2^o is (q - OFF) * 2^o exactly, OFF = 2^(BITS-1) (AND-OR, HSUB2, HFMA2): centred weights keep
+// the half sums small, 2.4-4x more accurate than HP 1 (benchmarks/KERNELS_NOTES.md, Run 16).
+// A field of a 16-bit half sits below bit 10 (the half's mantissa) directly, or after a shift of
+// the word by HP_SHIFT bits; o is its offset there.
+template <int BITS>
+FM_INLINE constexpr int fm_hp_shift() {
+  return BITS * (10 / BITS);
+}
+
+template <int BITS>
+FM_INLINE constexpr int fm_hp_offset(int p) {
+  return (BITS * p + BITS <= 10) ? BITS * p : BITS * p - fm_hp_shift<BITS>();
+}
+
+// 2^-o for field p (what the staged x carries beside c).
+template <int BITS>
+FM_INLINE float fm_hp_pos_scale(int p) {
+  return 1.0f / float(1u << fm_hp_offset<BITS>(p));
+}
+
+// The exponent k of c: the chunk's largest |x| * c lies in [2^(T-1), 2^T), T = 15 for HP 1 (the
+// products stay tiny), 15 - (BITS - 1) - log2(64 / BITS) for HP 2 (a half sum of 64 / BITS
+// products of |q - OFF| <= 2^(BITS-1) stays below 2^15); clamped so that c and 1 / c stay finite.
+template <int BITS, int HP>
+FM_INLINE int fm_hp_exponent(float absmax) {
+  const int l = (BITS == 8) ? 3 : (BITS == 4) ? 4 : 5;  // log2(64 / BITS)
+  const int top = (HP == 1) ? 15 : 15 - (BITS - 1) - l;
+  const int e = int((FM_AS_UINT(absmax) >> 23) & 0xFFu) - 127;  // floor(log2(absmax)), -127 for 0
+  const int k = top - 1 - e;
+  const int lo = (HP == 1) ? -103 : -126, hi = (HP == 1) ? 127 : 126;
+  return k < lo ? lo : (k > hi ? hi : k);
+}
+
+FM_INLINE float fm_pow2(int k) {  // 2^k for -126 <= k <= 127
+  return FM_AS_FLOAT(uint32_t(k + 127) << 23);
+}
+
+// What the chunk's half sum is multiplied by: HP 1 2^24 / c, HP 2 1 / c.
+template <int HP>
+FM_INLINE float fm_hp_unscale(int k) {
+  return fm_pow2((HP == 1 ? 24 : 0) - k);
+}
+
+// sum over one 16-byte load of (q - OFF) * x * c * 2^-24 (HP 1: OFF 0) or (q - OFF) * x * c (HP 2),
+// in half precision, xw the EPL / 2 staged pairs.
+template <int BITS, int HP>
+FM_INLINE float fm_dot_chunk_hp(uint4 w4, FM_THREAD const uint32_t* xw) {
+  constexpr int half_elems = 16 / BITS;
+  constexpr int S = fm_hp_shift<BITS>();
+  const uint32_t m = ((1u << BITS) - 1u) * 0x10001u;  // a field's mask in both halves
+  const uint32_t ws[4] = {w4.x, w4.y, w4.z, w4.w};
+  FM_H2 acc = FM_H2_BITS(0u);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t shifted = ws[k] >> S;
+#pragma unroll
+    for (int p = 0; p < half_elems; ++p) {
+      const int o = fm_hp_offset<BITS>(p);
+      const uint32_t v = (BITS * p + BITS <= 10) ? ws[k] : shifted;
+      FM_H2 wq;
+      if (HP == 1) {
+        wq = FM_H2_BITS(v & (m << o));
+      } else {  // (1024 + q 2^o) - (1024 + OFF 2^o), both halves; the half 1024.0 is 0x6400
+        const uint32_t base = 0x64006400u + ((1u << (BITS - 1 + o)) * 0x10001u);
+        wq = FM_H2_FMA(FM_H2_BITS(FM_AND_OR(v, m << o, 0x64006400u)), FM_H2_BITS(0x3C003C00u),
+                       FM_H2_BITS(base ^ 0x80008000u));
+      }
+      acc = FM_H2_FMA(wq, FM_H2_BITS(xw[k * half_elems + p]), acc);
+    }
+  }
+  return fm_h2_sum(acc);
+}
+
 // Butterfly sum over groups of LPR adjacent lanes (every lane of the warp must call it).
 template <int LPR>
 FM_INLINE float fm_lane_sum(float v) {

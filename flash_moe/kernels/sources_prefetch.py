@@ -69,6 +69,41 @@ STAGE_X4 = r"""  for (int t = fm_tid; t < D / 4; t += W * 32) {
   }
 """ + STAGE_XSUM
 
+# HP (half-precision products): x staged as pairs of halves (fm_dot_chunk_hp), one thread a lane
+# chunk: its plain sum into xsum, its scale exponent's unscale into xun, its EPL / 2 pairs into
+# xh (uint4 lane-major, [step][pairs / 4][lane]).
+STAGE_XH = r"""  for (int c = fm_tid; c < D / EPL; c += W * 32) {
+    constexpr int HE = PACK / 2;  // elements of a word's 16-bit half
+    float sum = 0.0f;
+    float amax = 0.0f;
+    for (int i = 0; i < EPL; ++i) {
+      const float v = static_cast<float>(x[n * D + c * EPL + i]);
+      const float a = v < 0.0f ? -v : v;
+      sum += v;
+      amax = a > amax ? a : amax;
+    }
+    xsum[c] = sum;
+    const int kx = fm_hp_exponent<BITS, HP>(amax);
+    xun[c] = fm_hp_unscale<HP>(kx);
+    const float cx = fm_pow2(kx);
+    for (int j4 = 0; j4 < EPL / 8; ++j4) {
+      uint32_t u[4];
+      for (int t = 0; t < 4; ++t) {
+        const int j = j4 * 4 + t;  // word j / HE, field j % HE
+        const int e0 = c * EPL + (j / HE) * PACK + j % HE;
+        const float sc = cx * fm_hp_pos_scale<BITS>(j % HE);
+        u[t] = fm_h2_pack(static_cast<float>(x[n * D + e0]) * sc, static_cast<float>(x[n * D + e0 + HE]) * sc);
+      }
+      uint4 v;
+      v.x = u[0];
+      v.y = u[1];
+      v.z = u[2];
+      v.w = u[3];
+      xh[((c / LPR) * (EPL / 8) + j4) * LPR + c % LPR] = v;
+    }
+  }
+"""
+
 # Where a gate/up kernel reads row pr of a token's K*I rows (its row in the stacked weights) and
 # writes that row's silu(g) * u: h, lane-major and pre-scaled for the down kernel (same BITS).
 # Shared by v2 and v6; needs n, K, I, EPL, BITS.
@@ -170,7 +205,43 @@ DOWN_L2_HINTS = r"""#if FM_DOWN_HINT
 #endif
 """
 
-GATE_UP_ITEM_LOOP = r"""
+# The float step of the item loop: dequantize and sum in float (every version).
+FLOAT_STEP = X_STEP + r"""#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        ag[r] += static_cast<float>(csg[r][s]) * fm_dot_chunk<BITS>(cg[r][s], xv) +
+            static_cast<float>(cbg[r][s]) * xsm;
+        au[r] += static_cast<float>(csu[r][s]) * fm_dot_chunk<BITS>(cu[r][s], xv) +
+            static_cast<float>(cbu[r][s]) * xsm;
+      }
+"""
+
+# The half-precision step (HP 1 or 2; x staged by STAGE_XH): a chunk's half sum times the
+# group's scale and the chunk's unscale; HP 2's centred weights give back OFF * sum(x) via the bias.
+HP_STEP = r"""      uint32_t xw[EPL / 2];
+#pragma unroll
+      for (int j4 = 0; j4 < EPL / 8; ++j4) {
+        const uint4 v = xh[(s * (EPL / 8) + j4) * LPR + sl];
+        xw[4 * j4] = v.x;
+        xw[4 * j4 + 1] = v.y;
+        xw[4 * j4 + 2] = v.z;
+        xw[4 * j4 + 3] = v.w;
+      }
+      const float xsm = xsum[s * LPR + sl];
+      const float xu = xun[s * LPR + sl];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float gs = static_cast<float>(csg[r][s]);
+        const float us = static_cast<float>(csu[r][s]);
+        ag[r] += (gs * xu) * fm_dot_chunk_hp<BITS, HP>(cg[r][s], xw) + (static_cast<float>(cbg[r][s]) + HP_OFF * gs) * xsm;
+        au[r] += (us * xu) * fm_dot_chunk_hp<BITS, HP>(cu[r][s], xw) + (static_cast<float>(cbu[r][s]) + HP_OFF * us) * xsm;
+      }
+"""
+
+
+def gate_up_item_loop(step: str) -> str:
+    """The gate/up part shared by v2 and the split-K v4 (see GATE_UP_ITEM_LOADS), with ``step``
+    the text that adds step s of the R rows to ag and au."""
+    return r"""
   while (item < ITEMS) {  // uniform across the warp
     if (!DB) {  // no double buffer: this item's loads, waited for here
       FM_LOAD_ITEM(item)
@@ -201,14 +272,7 @@ GATE_UP_ITEM_LOOP = r"""
     FM_HINT_AHEAD(item);
 """ + GATE_UP_ACC + r"""#pragma unroll
     for (int s = 0; s < NSTEP; ++s) {
-""" + X_STEP + r"""#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        ag[r] += static_cast<float>(csg[r][s]) * fm_dot_chunk<BITS>(cg[r][s], xv) +
-            static_cast<float>(cbg[r][s]) * xsm;
-        au[r] += static_cast<float>(csu[r][s]) * fm_dot_chunk<BITS>(cu[r][s], xv) +
-            static_cast<float>(cbu[r][s]) * xsm;
-      }
-    }
+""" + step + r"""    }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float gsum = fm_lane_sum<LPR>(ag[r]);
@@ -222,12 +286,16 @@ GATE_UP_ITEM_LOOP = r"""
 #undef FM_LOAD_ITEM
 """
 
+
+GATE_UP_ITEM_LOOP = gate_up_item_loop(FLOAT_STEP)
+
 # gate/up projection fused with SwiGLU.
 GATE_UP_PF = r"""
   // fm_gate_up_pf: h[pair] = silu(Wg x) * (Wu x) for pair = (token n, slot j), expert inds[pair].
   // Template ints: BITS, GS, D (= hidden, the input dim), I (rows), K, R (rows per item and
   // lane group), W (warps per threadgroup), G (threadgroups per token), DB (1: double-buffered
-  // items), PF (L2 hints, see GATE_UP_L2_HINTS), DH (with FM_DOWN_HINT: L2 hints of down's
+  // items), PF (L2 hints, see GATE_UP_L2_HINTS), HP (0 float products, 1 or 2 half-precision
+  // products, see fm_dot_chunk_hp), DH (with FM_DOWN_HINT: L2 hints of down's
   // rows, see DOWN_L2_HINTS). The K*I rows of a
   // token are cut into items of R*SUB rows; threadgroup g of token n takes a contiguous run
   // of RUN items (G need not divide them: the last run may be shorter), its warps take every
@@ -242,7 +310,10 @@ GATE_UP_PF = r"""
   const int it0 = (fm_tg % G) * RUN;
   const int ITEMS = (NI - it0 < RUN) ? NI - it0 : RUN;  // this threadgroup's items
 
-  FM_SHARED float4 xs[D / 4];  // this token's x', lane-major
+  constexpr float HP_OFF = (HP == 2) ? float(1 << (BITS - 1)) : 0.0f;  // HP 2's weight centre
+  FM_SHARED float4 xs[HP ? 1 : D / 4];  // this token's x', lane-major (float products)
+  FM_SHARED uint4 xh[HP ? D / 8 : 1];   // x as pairs of halves, lane-major (HP)
+  FM_SHARED float xun[HP ? D / EPL : 1];  // each lane chunk's unscale (HP)
   FM_SHARED float xsum[D / EPL];  // plain sum of every lane chunk of x (for the biases)
 #define FM_ITEM_ROW(item, r) (((it0 + (item)) * R + (r)) * SUB + sub)  // of the token's K*I rows
 """ + GATE_UP_ROWS + GATE_UP_ITEM_LOADS + r"""
@@ -250,8 +321,11 @@ GATE_UP_PF = r"""
   if (DB && item < ITEMS) {  // the first loads fly while x is staged
     FM_LOAD_ITEM(item)
   }
-""" + DOWN_L2_HINTS + GATE_UP_L2_HINTS + STAGE_X4 + r"""  FM_BARRIER();
-""" + GATE_UP_ITEM_LOOP + r"""  FM_DOWN_HINT_LAST();
+""" + DOWN_L2_HINTS + GATE_UP_L2_HINTS + r"""  if (HP) {
+""" + STAGE_XH + r"""  } else {
+""" + STAGE_X4 + r"""  }
+  FM_BARRIER();
+""" + gate_up_item_loop("      if (HP) {\n" + HP_STEP + "      } else {\n" + FLOAT_STEP + "      }\n") + r"""  FM_DOWN_HINT_LAST();
 #undef FM_ITEM_ROW
 #undef FM_WEIGHT_ROW
 #undef FM_STORE_H
@@ -268,7 +342,8 @@ DOWN_PF = r"""
   // fm_down_pf: y[n] = sum_j scores[n,j] * (Wd_{inds[n,j]} h[n,j])  (+ combine if FM_COMBINE).
   // Template ints: BITS, GS, D (= expert dim, the input dim), O (= hidden, rows), K (warps:
   // warp j takes expert j), R (rows per iteration and lane group), RPT (rows per
-  // threadgroup), PF (nonzero: each warp first hints its RPT rows into L2). Each warp keeps its
+  // threadgroup), PF (nonzero: each warp first hints its RPT rows into L2), HP (as gate/up's:
+  // 0 float products, 1 or 2 half-precision products). Each warp keeps its
   // h' in registers for all RPT rows, loads its next rows
   // while it computes the current ones, and leaves route * dot in threadgroup memory; the
   // K partial sums of a row are added after one barrier.
@@ -301,6 +376,12 @@ DOWN_PF = r"""
       bi[r][s] = lane_b[dr * GPR + s * STEP / GS];                         \
     }                                                                      \
   }
+// Row r's dot with h over step s: in float, or in half precision (HP; h as pairs of halves).
+#define FM_ROW_STEP(q, sc, bi, r, s)                                                            \
+  (HP ? (static_cast<float>(sc[r][s]) * xu[s]) * fm_dot_chunk_hp<BITS, HP>(q[r][s], xw[s]) +   \
+            (static_cast<float>(bi[r][s]) + HP_OFF * static_cast<float>(sc[r][s])) * xsm[s]     \
+      : static_cast<float>(sc[r][s]) * fm_dot_chunk<BITS>(q[r][s], xv[s]) +                       \
+            static_cast<float>(bi[r][s]) * xsm[s])
 // The R rows of iteration iter: dot products, then the lane sums. Rows go in pairs, one
 // butterfly for both (lane 0 of the lane group gets the first row, lane LPR / 2 the second); a
 // row left over (odd R, or LPR 1) is summed alone.
@@ -310,8 +391,7 @@ DOWN_PF = r"""
     for (int r = 0; r < R; ++r) {                                                        \
       d[r] = 0.0f;                                                                       \
       for (int s = 0; s < NSTEP; ++s) {                                                  \
-        d[r] += static_cast<float>(sc[r][s]) * fm_dot_chunk<BITS>(q[r][s], xv[s]) +      \
-            static_cast<float>(bi[r][s]) * xsm[s];                                       \
+        d[r] += FM_ROW_STEP(q, sc, bi, r, s);                                            \
       }                                                                                  \
     }                                                                                    \
     for (int r = 0; r < R; r += 2) {                                                     \
@@ -358,6 +438,32 @@ DOWN_PF = r"""
       xsm[s] += xv[s][i] * fm_pos_unscale<BITS>(i);  // exact: powers of two
     }
   }
+  // HP: the lane's h as pairs of halves (as gate/up stages x, STAGE_XH), once for every row.
+  constexpr float HP_OFF = (HP == 2) ? float(1 << (BITS - 1)) : 0.0f;
+  constexpr int HE = PACK / 2;
+  uint32_t xw[NSTEP][EPL / 2];
+  float xu[NSTEP];
+  if (HP) {
+#pragma unroll
+    for (int s = 0; s < NSTEP; ++s) {
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) {
+        const float v = xv[s][i] * fm_pos_unscale<BITS>(i);
+        const float a = v < 0.0f ? -v : v;
+        amax = a > amax ? a : amax;
+      }
+      const int kx = fm_hp_exponent<BITS, HP>(amax);
+      xu[s] = fm_hp_unscale<HP>(kx);
+      const float cx = fm_pow2(kx);
+#pragma unroll
+      for (int j = 0; j < EPL / 2; ++j) {
+        const int e0 = (j / HE) * PACK + j % HE;  // word j / HE, field j % HE
+        const float sc = cx * fm_hp_pos_scale<BITS>(j % HE);  // (h first: c may be near float's top)
+        xw[s][j] = fm_h2_pack(xv[s][e0] * fm_pos_unscale<BITS>(e0) * sc, xv[s][e0 + HE] * fm_pos_unscale<BITS>(e0) * sc);
+      }
+    }
+  }
 
   for (int it = 0; it < NIT; it += 2) {
     if (it + 1 < NIT) {
@@ -372,6 +478,7 @@ DOWN_PF = r"""
     }
   }
 #undef FM_ROWS
+#undef FM_ROW_STEP
 #undef FM_LOAD_ROWS
   FM_BARRIER();
   for (int t = fm_tid; t < RPT; t += K * 32) {

@@ -127,19 +127,35 @@ def variants(target: str) -> List[Tuple[str, launch.Plan]]:
         launch.TUNING["gate_up_mma"] = saved
     # v2 with its L2 hints on (whole run / a distance ahead for gate/up, rows for down; gate/up
     # hinting down's rows, CUDA only), with and without gate/up's double buffer
-    saved = dict(launch.TUNING["gate_up_pf"]), dict(launch.TUNING["down_pf"])
+    saved = tuple(dict(launch.TUNING[k]) for k in ("gate_up_pf", "down_pf", "gate_up_hp", "down_hp"))
     try:
         for pf, db, dh in ((16, 1, 0), (2, 1, 0), (16, 0, 0), (4, 0, 0), (0, 1, 9), (2, 0, 1)):
             launch.TUNING["gate_up_pf"] = dict(saved[0], PF=pf, DB=db, DH=dh)
             launch.TUNING["down_pf"] = dict(saved[1], PF=1)
+            launch.TUNING["gate_up_hp"], launch.TUNING["down_hp"] = dict(saved[2], HP=0), dict(saved[3], HP=0)
             for D, I, bits, sdt, N in ((4096, 1024, 4, bf16, 1), (4096, 1024, 2, f32, 2), (64, 64, 4, f32, 1)):
                 w = _experts(10, D, I, bits, 64, sdt)
                 plans = launch.plan_expert_mlp(target, A((N, D), bf16), w, A((N, 10), mx.int32),
                                                A((N, 10), bf16), version=2)
                 out += [(f"v2_l2hints{pf}_db{db}_dh{dh}_{p.spec.name}_D{D}_I{I}_b{bits}_N{N}_{sdt}".replace("mlx.core.", ""), p)
                         for p in plans]
+        # half-precision products (HP 1 and 2), gate/up and down (the fused combine too)
+        for hp in (1, 2):
+            launch.TUNING["gate_up_hp"] = dict(saved[2], HP=hp)
+            launch.TUNING["down_hp"] = dict(saved[3], HP=hp)
+            for D, I, bits, xdt, N, K in ((4096, 1024, 4, bf16, 1, 10), (4096, 1024, 2, f16, 2, 10),
+                                          (4096, 1024, 8, bf16, 1, 4), (64, 64, 4, bf16, 1, 2)):
+                w = _experts(10, D, I, bits, 64, bf16)
+                x, inds, scores = A((N, D), xdt), A((N, K), mx.int32), A((N, K), bf16)
+                tag = f"D{D}_I{I}_b{bits}_N{N}_K{K}_{xdt}".replace("mlx.core.", "")
+                for comb in (None, (A((N, D), bf16), A((N, 1), bf16), A((N, D), bf16))):
+                    # (planned for CUDA: only CUDA runs them, but Metal's text is checked too)
+                    plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, combine=comb, version=2)
+                    assert all(p.template["HP"] == hp for p in plans), f"HP {hp} not planned for {tag}"
+                    out += [(f"v2_hp{hp}_{p.spec.name}_{tag}", p) for p in (plans if comb is None else plans[-1:])]
     finally:
-        launch.TUNING["gate_up_pf"], launch.TUNING["down_pf"] = saved
+        for k, v in zip(("gate_up_pf", "down_pf", "gate_up_hp", "down_hp"), saved):
+            launch.TUNING[k] = v
     for shape, dts in (((1, 4096), (bf16,) * 4), ((3, 64), (f32, f32, bf16, f32)), ((2, 5, 4096), (f16,) * 4)):
         gate = A(shape[:-1] + (1,), dts[2])
         plan = launch.plan_moe_combine(target, A(shape, dts[0]), A(shape, dts[1]), gate, A(shape, dts[3]))

@@ -87,6 +87,7 @@ float rsqrt(float x);
 float tanh(float x);
 float abs(float x);
 float fma(float a, float b, float c);
+half2 fma(half2 a, half2 b, half2 c);
 float max(float a, float b);
 float min(float a, float b);
 int max(int a, int b);

@@ -111,6 +111,32 @@ inline float as_float(uint32_t u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+struct h2 {  // two halves, as FM_H2
+  f16 lo, hi;
+};
+inline h2 h2_bits(uint32_t u) {
+  h2 v;
+  v.lo.bits = uint16_t(u & 0xFFFFu);
+  v.hi.bits = uint16_t(u >> 16);
+  return v;
+}
+inline f16 fma16(f16 a, f16 b, f16 c) {  // exact in double, rounded to half through float (a GPU
+  // rounds once: a rare tie may come out one half-ulp apart)
+  const double r = double(float(a)) * double(float(b)) + double(float(c));
+  return f16(float(r));
+}
+inline h2 h2_fma(h2 a, h2 b, h2 c) {
+  h2 r;
+  r.lo = fma16(a.lo, b.lo, c.lo);
+  r.hi = fma16(a.hi, b.hi, c.hi);
+  return r;
+}
+inline uint32_t h2_pack(float lo, float hi) {
+  return uint32_t(f16(lo).bits) | (uint32_t(f16(hi).bits) << 16);
+}
+inline float h2_sum(h2 v) {
+  return float(v.lo) + float(v.hi);
+}
 thread_local int tg = 0, tid = 0;
 thread_local std::barrier<>* tg_barrier = nullptr;
 thread_local std::barrier<>* warp_barrier = nullptr;
@@ -197,6 +223,11 @@ inline float shfl_xor(float v, int m) {
 #define FM_PREFETCH_L2(p, bytes) fmsim::prefetch_l2((const void*)(p), (unsigned long long)(bytes))
 #define FM_AS_UINT(f) fmsim::as_uint(f)
 #define FM_MMA(c, a, b) fmsim::mma((c), (a), (b))
+#define FM_H2 fmsim::h2
+#define FM_H2_BITS(u) fmsim::h2_bits(u)
+#define FM_H2_FMA(a, b, c) fmsim::h2_fma((a), (b), (c))
+#define fm_h2_pack fmsim::h2_pack
+#define fm_h2_sum fmsim::h2_sum
 """
 
 # FM_MMA, built after the lane layout the translation unit picks (codegen.MMA_LAYOUTS).
