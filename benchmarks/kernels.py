@@ -173,19 +173,10 @@ def bench_expert_mlp(peak: float, bits: int, k: int, N: int, sets: int, with_loo
 CONFIGS = {
     1: (("gate_up", [dict(R=4, W=4), dict(R=4, W=8), dict(R=2, W=8)]),
         ("down", [dict(R=2, W_max=16), dict(R=4, W_max=16), dict(R=8, W_max=16)])),
-    # tgs=0: one threadgroup per SM; 256 / R4 128: the defaults before Run 9; PF: L2 hints (16 the
-    # threadgroup's whole run, 1-15 items ahead); DB=0: gate/up without its double buffer (Run 10);
-    # DH: gate/up hints down's rows into L2 (at the start, halfway, at the end of each warp's items).
-    # Each candidate goes on top of launch.TUNING (DH 9, v6's XB 1: the defaults since Run 12)
-    2: (("gate_up_pf", [dict(R=1, W=12, tgs=0), dict(R=1, W=8, tgs=0), dict(R=1, W=4, tgs=256),
-                        dict(R=1, W=6, tgs=264), dict(R=2, W=4, tgs=256), dict(R=1, W=12, tgs=0, PF=16),
-                        dict(R=1, W=16, tgs=264, DB=0, PF=16), dict(R=1, W=8, tgs=528, DB=0, PF=16),
-                        dict(R=1, W=16, tgs=264, DB=0, PF=4), dict(R=1, W=12, tgs=0, DH=0),
-                        dict(R=1, W=12, tgs=0, DH=1), dict(R=1, W=12, tgs=0, DH=5)]),
-        ("down_pf", [dict(R=1, tgs=256), dict(R=4, tgs=128), dict(R=2, tgs=256), dict(R=1, tgs=512),
-                     dict(R=1, tgs=256, PF=1), dict(R=2, tgs=128, PF=1)]),
-        # half-precision products (the shapes a bfloat16 x runs on CUDA; HP 0 falls back to the
-        # float32 shapes above)
+    # v2: the autotune's x is bfloat16, so on CUDA v2 runs the _hp shapes (half-precision
+    # products); an HP 0 candidate runs the float32 shapes (gate_up_pf, down_pf) as they are (their
+    # own sweeps: KERNELS_NOTES.md, Runs 8-13). Each candidate goes on top of launch.TUNING.
+    2: (
         ("gate_up_hp", [dict(R=1, W=16, tgs=0, HP=2), dict(R=1, W=16, tgs=0, HP=1), dict(R=1, W=12, tgs=0, HP=2),
                         dict(R=2, W=8, tgs=0, HP=2), dict(R=1, W=16, tgs=0, HP=2, DH=5), dict(HP=0)]),
         ("down_hp", [dict(R=4, tgs=256, HP=1), dict(R=2, tgs=512, HP=1), dict(R=8, tgs=256, HP=1),
