@@ -74,10 +74,11 @@ FM_INLINE float fm_dot_chunk(uint4 w4, FM_THREAD const float* xv) {
 // j = word k, field p holds the elements of field p in the word's low and high 16-bit halves.
 // HP 1: the masked field alone is a subnormal half, q * 2^(o - 24) exactly (AND, HFMA2); the
 // products sum to sum(q x) * c * 2^-24. HP 2: the field OR-ed into 1024.0 minus (1024 + OFF) *
-// 2^o is (q - OFF) * 2^o exactly, OFF = 2^(BITS-1) (AND-OR, HSUB2, HFMA2): centred weights keep
-// the half sums small, 2.4-4x more accurate than HP 1 (benchmarks/KERNELS_NOTES.md, Run 16).
+// 2^o is (q - OFF) * 2^o exactly, OFF = 2^(BITS-1) (AND-OR, an HFMA2 against 1.0 that subtracts,
+// HFMA2): centred weights keep the half sums small, 2.4-4x more accurate than HP 1
+// (benchmarks/KERNELS_NOTES.md, Run 16).
 // A field of a 16-bit half sits below bit 10 (the half's mantissa) directly, or after a shift of
-// the word by HP_SHIFT bits; o is its offset there.
+// the word by fm_hp_shift bits; o is its offset there.
 template <int BITS>
 FM_INLINE constexpr int fm_hp_shift() {
   return BITS * (10 / BITS);
