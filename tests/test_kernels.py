@@ -446,8 +446,8 @@ def _placeholder(plan) -> int:
     return i
 
 
-def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1):
-    plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, combine, version=version)
+def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1, out_dtype=None):
+    plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, combine, version=version, out_dtype=out_dtype)
     assert plans is not None
     assert (plans[0].spec.name in ("expert_mlp_sk", "expert_mlp_ska")) == (version in (4, 5))
     y = None
@@ -456,7 +456,8 @@ def _sim_expert_mlp(x, w, inds, scores, combine=None, version=1):
             assert not bool(mx.isnan(y).any()), "gate_up left elements unwritten"
             plan.inputs[_placeholder(plan)] = y
         (y,) = simt.simulate(plan)
-    out_dtype = x.dtype if combine is None else mx.result_type(x.dtype, combine[0].dtype, combine[1].dtype)
+    if out_dtype is None:
+        out_dtype = x.dtype if combine is None else mx.result_type(x.dtype, combine[0].dtype, combine[1].dtype)
     return y.astype(out_dtype)
 
 
@@ -656,17 +657,6 @@ def test_simulated_matrix_unit_gate_up_hints_down_rows(dh, xb, tgs, monkeypatch,
     assert not [n_ for n_, _, _ in hints if n_ not in ("wd", "sd", "bd")]  # (PF is 0)
 
 
-def _sim_f32_sum(x, w, inds, scores):
-    """v2's float32 sum (what the MoE layer asks for) on the simulator, and its plans."""
-    plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, version=2, out_dtype=mx.float32)
-    y = None
-    for plan in plans:
-        if y is not None:
-            plan.inputs[_placeholder(plan)] = y
-        (y,) = simt.simulate(plan)
-    return y, plans
-
-
 @needs_cxx
 @pytest.mark.parametrize("bits, H, I, N, K, xdt", [
     (4, 1024, 256, 1, 3, mx.bfloat16),   # 32 lanes a row
@@ -688,18 +678,19 @@ def test_simulated_half_precision_products(bits, H, I, N, K, xdt, hp, tol, monke
     scores = mx.softmax(mx.random.normal((N, K)), axis=-1).astype(xdt)
     base = mx.random.normal((N, H))
     base = mx.where(mx.arange(H) < H // 4, 0.0, base)  # whole chunks of zeros
-    for scale in (1.0, 2.0 ** 40, 2.0 ** -60):
-        x = (base * scale).astype(xdt) if xdt == mx.bfloat16 else base.astype(xdt) * mx.array(scale, xdt)
-        if xdt == mx.float16 and scale != 1.0:
-            continue  # not representable in float16 itself
-        y, plans = _sim_f32_sum(x, w, inds, scores)
+    f32_sum = dict(version=2, out_dtype=mx.float32)  # (what the MoE layer asks for)
+    for scale in (1.0, 2.0 ** 40, 2.0 ** -60) if xdt == mx.bfloat16 else (1.0,):  # (float16's range)
+        x = (base * scale).astype(xdt)
+        plans = launch.plan_expert_mlp("cuda", x, w, inds, scores, **f32_sum)
         assert [p.template["HP"] for p in plans] == [hp, hp]
+        y = _sim_expert_mlp(x, w, inds, scores, **f32_sum)
         truth = np_expert_mlp(x, w, inds, scores)
         assert not bool(mx.isnan(y).any())
         assert rel(y, truth) < tol, (scale, rel(y, truth))
-    y, plans = _sim_f32_sum(base, w, inds, scores.astype(mx.float32))
+    scores = scores.astype(mx.float32)
+    plans = launch.plan_expert_mlp("cuda", base, w, inds, scores, **f32_sum)
     assert [p.template["HP"] for p in plans] == [0, 0]
-    assert rel(y, np_expert_mlp(base, w, inds, scores.astype(mx.float32))) < 1e-5
+    assert rel(_sim_expert_mlp(base, w, inds, scores, **f32_sum), np_expert_mlp(base, w, inds, scores)) < 1e-5
 
 
 @needs_cxx
